@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine with only Python and pip:
+#   make demo   set up .venv and run the main job (maskpack bench on the embedded default)
+#   make test   set up .venv and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is pinned here (not in pyproject, which keeps ranges) to the pair that installs from
+# this workplace's disk; any torch>=2.2 works.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup demo test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[test,plot]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/maskpack bench
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check maskpack tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

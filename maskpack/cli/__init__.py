@@ -1,0 +1,58 @@
+"""Command-line interface: a thin click shell over the library.
+
+Each command group lives in its own module and registers itself on :data:`main`; library
+errors (:class:`maskpack.errors.MaskpackError`) become one ``Error: ...`` line and exit code 1.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+from .. import __version__
+from ..errors import MaskpackError
+
+
+def handle_errors(fn):
+    """Turn MaskpackError (and missing files) into click's one-line ``Error:`` message."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MaskpackError as exc:
+            raise click.ClickException(str(exc)) from exc
+        except FileNotFoundError as exc:
+            raise click.ClickException(f"file not found: {exc.filename or exc}") from exc
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="maskpack")
+def main() -> None:
+    """maskpack: fine-tuned vision models as small binary masks over one frozen backbone.
+
+    \b
+    Example:
+        maskpack bench                       # mask vs fine-tune storage on the embedded default
+        maskpack train --dataset digits --out runs/digits
+        maskpack inspect runs/digits/task.mask
+    """
+
+
+def _register() -> None:
+    # Each module adds its commands to `main`; a module that is missing is skipped so partial
+    # installs still give a working CLI.
+    import importlib
+
+    for mod in ("storage_cmds", "train_cmds", "bench_cmds", "cascade_cmds"):
+        try:
+            importlib.import_module(f"{__name__}.{mod}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{mod}":
+                raise
+
+
+_register()
