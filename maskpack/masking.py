@@ -67,6 +67,25 @@ def masked_weight(weight: torch.Tensor, mask_float: torch.Tensor, *, scale: bool
     return weight * (mask_float * inv)
 
 
+def mask_from_scores(scores: torch.Tensor, *, mode: str = "threshold", threshold: float = 0.0,
+                     k: float = 0.9) -> torch.Tensor:
+    """Binary mask of one score tensor: ``S > threshold``, or the top ``k`` fraction of ``S``."""
+    if mode == "threshold":
+        return scores > threshold
+    if mode != "topk":
+        raise ConfigError(f"unknown mask mode {mode!r}: use 'threshold' or 'topk'")
+    n = scores.numel()
+    keep = max(1, int(round(k * n)))
+    out = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    out[torch.topk(scores.flatten(), keep, sorted=False).indices] = True
+    return out.view_as(scores)
+
+
+def masks_from_scores(scores: dict[str, torch.Tensor], **kwargs) -> dict[str, torch.Tensor]:
+    """Apply :func:`mask_from_scores` to every tensor of a ``{name: scores}`` checkpoint."""
+    return {name: mask_from_scores(s, **kwargs).cpu() for name, s in scores.items()}
+
+
 class ScoreMask(nn.Module):
     """Parametrization holding the scores of one weight tensor.
 
@@ -101,14 +120,7 @@ class ScoreMask(nn.Module):
 
     def mask(self) -> torch.Tensor:
         """The current binary mask (bool, same shape as the weight)."""
-        s = self.scores.detach()
-        if self.mode == "threshold":
-            return s > self.threshold
-        n = s.numel()
-        keep = max(1, int(round(self.k * n)))
-        out = torch.zeros(n, dtype=torch.bool, device=s.device)
-        out[torch.topk(s.flatten(), keep, sorted=False).indices] = True
-        return out.view_as(s)
+        return mask_from_scores(self.scores.detach(), mode=self.mode, threshold=self.threshold, k=self.k)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         m = _StraightThrough.apply(self.mask(), self.scores)  # 0/1 floats, grad flows to scores
