@@ -1,0 +1,78 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from maskpack import masking
+from maskpack.errors import FormatError
+from maskpack.model import TaskModel
+from maskpack.rehydrate import TaskHost, rehydrate
+
+
+def _train_a_little(backbone: nn.Module, feat: int, classes: int, seed: int, steps: int = 3, size: int = 16):
+    """A masked task model after a few real SGD steps (scores, head and BN stats all change)."""
+    torch.manual_seed(seed)
+    net = copy.deepcopy(backbone)
+    masking.apply_masks_(net)
+    model = TaskModel(net, nn.Linear(feat, classes))
+    opt = torch.optim.SGD([{"params": masking.score_parameters(net), "lr": 50.0},
+                           {"params": model.head.parameters(), "lr": 0.1}], momentum=0.9)
+    model.train()
+    for _ in range(steps):
+        x, y = torch.randn(8, 3, size, size), torch.randint(0, classes, (8,))
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    masks = masking.extract_masks(net)
+    extras = {f"head.{k}": v.detach().clone() for k, v in model.head.state_dict().items()}
+    extras.update({f"backbone.{k}": v.clone() for k, v in net.named_buffers()})
+    return model, masks, extras
+
+
+def test_rehydrated_lite0_is_bit_identical(lite0):
+    model, masks, extras = _train_a_little(lite0.model, 1280, 5, seed=0)
+    assert masking.active_fraction(masks) < 1.0  # the steps really flipped weights
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        got = rehydrate(lite0, masks, extras)(x)
+    assert torch.equal(expected, got)
+    # The backbone itself is untouched.
+    assert lite0.hash() == lite0.hash() and not masking.is_masked(lite0.model)
+
+
+def test_task_switching_in_place_is_bit_identical(tiny_net):
+    a_model, a_masks, a_extras = _train_a_little(tiny_net, 16, 3, seed=1, size=8)
+    b_model, b_masks, b_extras = _train_a_little(tiny_net, 16, 4, seed=2, size=8)
+    host = TaskHost(tiny_net)
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        for model, masks, extras in [(a_model, a_masks, a_extras), (b_model, b_masks, b_extras),
+                                     (a_model, a_masks, a_extras)]:
+            out = host.switch_(masks, extras)(x)
+            assert torch.equal(out, model(x))
+        # Back to the plain backbone: a task with no masks and no extras restores every tensor.
+        host.switch_({}, {})
+        assert torch.equal(host.model(x), tiny_net.eval()(x))
+
+
+def test_all_zero_mask_rehydrates_without_nan(tiny_net):
+    masks = {"conv1.weight": torch.zeros(8, 3, 3, 3, dtype=torch.bool)}
+    model = rehydrate(tiny_net, masks)
+    assert (model.backbone.conv1.weight == 0).all()
+    assert torch.isfinite(model(torch.randn(1, 3, 8, 8))).all()
+
+
+def test_bad_masks_and_extras_name_the_tensor(tiny_net):
+    with pytest.raises(FormatError, match="'nope.weight' does not exist"):
+        rehydrate(tiny_net, {"nope.weight": torch.ones(2, dtype=torch.bool)})
+    with pytest.raises(FormatError, match="'conv1.weight' has shape"):
+        rehydrate(tiny_net, {"conv1.weight": torch.ones(2, 2, dtype=torch.bool)})
+    with pytest.raises(FormatError, match="dtype"):
+        rehydrate(tiny_net, {"conv1.weight": torch.ones(8, 3, 3, 3)})
+    with pytest.raises(FormatError, match="'backbone.bn1.running_mean' has shape"):
+        rehydrate(tiny_net, {}, {"backbone.bn1.running_mean": torch.zeros(3)})
+    with pytest.raises(FormatError, match="neither"):
+        rehydrate(tiny_net, {}, {"other.x": torch.zeros(3)})
