@@ -34,15 +34,16 @@ class Conv2dSame(nn.Conv2d):
     """Conv2d with TensorFlow "SAME" padding computed from the input size."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight  # read once: a mask parametrization recomputes it on every access
         ih, iw = x.shape[-2:]
-        kh, kw = self.weight.shape[-2:]
+        kh, kw = weight.shape[-2:]
         sh, sw = self.stride
         pad_h = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
         pad_w = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
         if pad_h or pad_w:
             # TF puts the extra pixel on the bottom/right.
             x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
 def _bn(ch: int) -> nn.BatchNorm2d:
