@@ -2,7 +2,8 @@
 
 from .backbones import Backbone, load_backbone
 from .backbones.hashing import backbone_hash
+from .io import MaskFile, load, read, save
 
 __version__ = "0.1.0"
 
-__all__ = ["Backbone", "__version__", "backbone_hash", "load_backbone"]
+__all__ = ["Backbone", "MaskFile", "__version__", "backbone_hash", "load", "load_backbone", "read", "save"]

@@ -1,0 +1,327 @@
+"""Save and load tasks as ``.mask`` files: the bridge between torch and :mod:`maskpack.storage`.
+
+Example:
+    >>> import maskpack
+    >>> bb = maskpack.load_backbone()                                   # doctest: +SKIP
+    >>> maskpack.save("task.mask", masks, bb, extras={"head.weight": w}) # doctest: +SKIP
+    >>> model = maskpack.load("task.mask")                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbones.hashing import backbone_hash, state_dict_hash
+from .errors import BackboneMismatchError, ConfigError, FormatError
+from .model import TaskModel
+from .storage import container
+from .storage.codecs import DEFAULT_CODEC, get_codec
+from .storage.entropy import TensorContexts
+
+SCALE_KEY = "mask.scale"
+
+# ans contexts of the last backbone used, keyed by (backbone hash, tensor name): decoding several
+# tasks over one backbone computes the |W| buckets and their sort only once.
+_CONTEXTS: dict[tuple[str, str], TensorContexts] = {}
+
+
+def clear_context_cache() -> None:
+    """Forget cached ans contexts (frees memory; the next decode recomputes them)."""
+    _CONTEXTS.clear()
+
+
+def _contexts(bb_hash: str | None, name: str, w: torch.Tensor) -> TensorContexts:
+    if bb_hash is None:
+        return TensorContexts(_absw(w))
+    if any(k[0] != bb_hash for k in _CONTEXTS):  # one backbone at a time
+        _CONTEXTS.clear()
+    key = (bb_hash, name)
+    if key not in _CONTEXTS:
+        _CONTEXTS[key] = TensorContexts(_absw(w))
+    return _CONTEXTS[key]
+
+
+def _module(backbone) -> nn.Module:
+    module = getattr(backbone, "model", backbone)
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"backbone must be a maskpack.Backbone or an nn.Module, got {type(backbone).__name__}")
+    return module
+
+
+def _name_of(backbone) -> str:
+    name = getattr(backbone, "name", None)
+    return name if isinstance(name, str) else type(_module(backbone)).__name__
+
+
+def _hash_of(backbone) -> str:
+    return backbone.hash() if callable(getattr(backbone, "hash", None)) else backbone_hash(_module(backbone))
+
+
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    out = dict(module.named_buffers())
+    out.update(module.named_parameters())
+    return out
+
+
+def _absw(t: torch.Tensor) -> np.ndarray:
+    """|W| as flat float32 numpy: the ans codec's contexts."""
+    return t.detach().to("cpu", torch.float32).abs().reshape(-1).numpy()
+
+
+def _extras_blob(extras: dict[str, torch.Tensor] | None) -> bytes | None:
+    if not extras:
+        return None
+    from safetensors.torch import save as st_save
+
+    clean = {}
+    for key, value in extras.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ConfigError(f"extras must map names to tensors; got {key!r}: {type(value).__name__}")
+        clean[key] = value.detach().to("cpu").contiguous().clone()
+    return st_save(clean)
+
+
+def _check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
+    metadata = dict(metadata or {})
+    for k, v in metadata.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ConfigError(f"metadata must map strings to strings; got {k!r}: {type(v).__name__} "
+                              "(convert values with str())")
+    return metadata
+
+
+def save(path: str | os.PathLike, masks: dict[str, torch.Tensor], backbone, *,
+         extras: dict[str, torch.Tensor] | None = None, metadata: dict[str, str] | None = None,
+         codec: str = DEFAULT_CODEC, level: int | None = None) -> None:
+    """Write masks, extras and metadata to a ``.mask`` file bound to ``backbone``'s hash.
+
+    Args:
+        path: destination; written atomically (temp file, fsync, rename).
+        masks: ``{parameter name: BoolTensor}`` in the backbone's naming.
+        backbone: a :class:`maskpack.Backbone` or the ``nn.Module`` the masks were trained on.
+        extras: trained tensors in :class:`TaskModel` naming (``head.weight``, BN statistics ...),
+            stored losslessly as a safetensors blob.
+        metadata: string-to-string notes (config, dataset, metrics; ``mask.scale``).
+        codec: one of :func:`maskpack.storage.available_codecs` (default ``ans``).
+        level: compression level for codecs that have one.
+
+    Example:
+        >>> save("task.mask", {"0.weight": torch.ones(4, 4, dtype=torch.bool)}, net)  # doctest: +SKIP
+    """
+    cod = get_codec(codec)
+    level = cod.check_level(level)
+    weights = _tensors(_module(backbone))
+    if not isinstance(masks, dict):
+        raise ConfigError(f"masks must be a dict of name -> BoolTensor, got {type(masks).__name__}")
+    unknown = sorted(set(masks) - set(weights))
+    if unknown:
+        raise FormatError(f"mask {unknown[0]!r} names no tensor of backbone {_name_of(backbone)!r}")
+    entries = []
+    for name, w in weights.items():  # backbone order: the bytes do not depend on dict order
+        if name not in masks:
+            continue
+        m = masks[name]
+        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+            raise FormatError(f"mask {name!r} must be a torch.bool tensor, got "
+                              f"{getattr(m, 'dtype', type(m).__name__)}")
+        if tuple(m.shape) != tuple(w.shape):
+            raise FormatError(f"mask {name!r} has shape {tuple(m.shape)}, the backbone's tensor {tuple(w.shape)}")
+        flat = m.detach().to("cpu").reshape(-1).numpy()
+        payload = cod.encode(flat, _absw(w) if cod.needs_backbone else None, level)
+        entries.append((name, tuple(m.shape), int(np.count_nonzero(flat)), payload))
+    data = container.build(backbone_name=_name_of(backbone), backbone_hash=_hash_of(backbone),
+                           codec=cod.name, tensors=entries, extras=_extras_blob(extras),
+                           metadata=_check_metadata(metadata))
+    container.write_atomic(path, data)
+
+
+class MaskFile:
+    """A ``.mask`` file whose header has been read and validated; payloads are read on demand.
+
+    Attributes:
+        path, header (the JSON header as a dict), version, backbone_name, backbone_hash, codec,
+        metadata, tensors (entries with name, shape, active, offset, length, crc32), file_size.
+
+    Example:
+        >>> mf = read("task.mask")                       # doctest: +SKIP
+        >>> mf.codec, mf.backbone_name, mf.active_fraction
+        >>> masks = mf.masks(load_backbone(mf.backbone_name))
+    """
+
+    def __init__(self, path: str | os.PathLike, info: container.Container):
+        self.path = os.fspath(path)
+        self._info = info
+        self.header = info.header
+        self.version = info.version
+        self.backbone_name = info.backbone_name
+        self.backbone_hash = info.backbone_hash
+        self.codec = info.codec
+        self.metadata = info.metadata
+        self.tensors = info.tensors
+        self.file_size = info.file_size
+
+    def __repr__(self) -> str:
+        return (f"MaskFile({self.path!r}, backbone={self.backbone_name!r}, codec={self.codec!r}, "
+                f"tensors={len(self.tensors)}, bytes={self.file_size})")
+
+    @property
+    def scale(self) -> bool:
+        """Whether the masks were trained with alpha scaling (metadata ``mask.scale``, default true)."""
+        value = self.metadata.get(SCALE_KEY, "true").strip().lower()
+        if value not in ("true", "false", "1", "0"):
+            raise FormatError(f"{self.path}: metadata {SCALE_KEY!r} must be 'true' or 'false', got {value!r}")
+        return value in ("true", "1")
+
+    @property
+    def numel(self) -> int:
+        """Total number of masked weights."""
+        return sum(t.numel for t in self.tensors)
+
+    @property
+    def active_fraction(self) -> float:
+        """Fraction of masked weights kept (from the header; 1.0 when there are none)."""
+        n = self.numel
+        return sum(t.active for t in self.tensors) / n if n else 1.0
+
+    def per_layer_active(self) -> dict[str, float]:
+        """Active fraction of each masked tensor (from the header)."""
+        return {t.name: (t.active / t.numel if t.numel else 1.0) for t in self.tensors}
+
+    def _data(self) -> bytes:
+        return container.read_data(self.path, self._info)
+
+    @functools.cached_property
+    def extras(self) -> dict[str, torch.Tensor]:
+        """The extras (head, BN statistics ...) as tensors; ``{}`` when the file has none."""
+        if self._info.extras is None:
+            return {}
+        raw = container.blob(self.path, self._data(), self._info.extras, "extras")
+        from safetensors.torch import load as st_load
+
+        try:
+            return st_load(raw)
+        except Exception as exc:  # safetensors raises its own error types on malformed blobs
+            raise FormatError(f"{self.path}: extras are not a valid safetensors blob ({exc})") from exc
+
+    def check_backbone(self, backbone) -> None:
+        """Raise :class:`BackboneMismatchError` unless ``backbone`` has the hash stored in the file."""
+        _check_hash(self, _hash_of(backbone), _name_of(backbone))
+
+    def masks(self, backbone=None, *, check_hash: bool = True) -> dict[str, torch.Tensor]:
+        """Decode all masks.
+
+        Args:
+            backbone: the backbone the file was made for; required for the ``ans`` codec (its
+                weights are the coder's contexts), optional otherwise (then shapes come from the header).
+            check_hash: verify the backbone's hash first.
+
+        Returns:
+            ``{parameter name: BoolTensor}`` in file order.
+        """
+        cod = get_codec(self.codec)
+        if backbone is None and cod.needs_backbone:
+            raise FormatError(f"{self.path}: codec {self.codec!r} needs the backbone to decode masks: "
+                              f"call masks(load_backbone({self.backbone_name!r}))")
+        weights, bb_hash = None, None
+        if backbone is not None:
+            if check_hash:
+                self.check_backbone(backbone)
+                bb_hash = self.backbone_hash
+            weights = _tensors(_module(backbone))
+        data = self._data()
+        out = {}
+        for t in self.tensors:
+            absw = None
+            if weights is not None:
+                w = weights.get(t.name)
+                if w is None or tuple(w.shape) != t.shape:
+                    raise FormatError(f"{self.path}: mask {t.name!r} {list(t.shape)} does not fit the backbone "
+                                      f"({'missing' if w is None else list(w.shape)})")
+                absw = _contexts(bb_hash, t.name, w) if cod.needs_backbone else None
+            payload = container.blob(self.path, data, t, f"tensor {t.name!r}")
+            flat = cod.decode(payload, t.numel, absw)
+            if int(np.count_nonzero(flat)) != t.active:
+                raise FormatError(f"{self.path}: mask {t.name!r} decodes to {int(np.count_nonzero(flat))} "
+                                  f"active entries, the header says {t.active}")
+            out[t.name] = torch.from_numpy(flat.reshape(t.shape))
+        return out
+
+    def verify(self, backbone=None) -> None:
+        """Check every checksum, the extras and (given the backbone, or for non-ans codecs) decode all masks."""
+        data = self._data()
+        for t in self.tensors:
+            container.blob(self.path, data, t, f"tensor {t.name!r}")
+        _ = self.extras
+        if backbone is not None or not get_codec(self.codec).needs_backbone:
+            self.masks(backbone)
+
+
+def _check_hash(mf: MaskFile, actual: str, given_name: str) -> None:
+    if actual != mf.backbone_hash:
+        raise BackboneMismatchError(
+            f"{mf.path} was made for backbone {mf.backbone_name!r} (sha256 {mf.backbone_hash}), but the "
+            f"given backbone {given_name!r} has sha256 {actual}: load it with the backbone it was trained on",
+            expected=mf.backbone_hash, actual=actual, backbone_name=mf.backbone_name)
+
+
+def read(path: str | os.PathLike) -> MaskFile:
+    """Open a ``.mask`` file: read and validate its header only.
+
+    Raises:
+        FormatError: malformed, truncated or corrupted file. CodecError: unknown codec.
+    """
+    return MaskFile(path, container.parse(path))
+
+
+def _resolve_backbone(backbone, mf: MaskFile):
+    if backbone is None or isinstance(backbone, str):
+        from .backbones import load_backbone
+
+        return load_backbone(backbone or mf.backbone_name)
+    return backbone
+
+
+def load(path: str | os.PathLike, backbone=None) -> TaskModel:
+    """Load a ``.mask`` file as a plain, rehydrated :class:`TaskModel` (eval mode).
+
+    Args:
+        path: the ``.mask`` file.
+        backbone: a :class:`maskpack.Backbone`, an ``nn.Module``, a registry name, or None to
+            load the backbone named in the file.
+
+    Raises:
+        BackboneMismatchError: the backbone's hash differs from the one stored in the file.
+
+    Example:
+        >>> model = load("task.mask")        # doctest: +SKIP
+        >>> logits = model(images)
+    """
+    from .rehydrate import rehydrate
+
+    mf = read(path)
+    bb = _resolve_backbone(backbone, mf)
+    masks = mf.masks(bb)
+    return rehydrate(bb, masks, mf.extras, scale=mf.scale)
+
+
+def load_task_into(host, path: str | os.PathLike) -> TaskModel:
+    """Switch a :class:`maskpack.rehydrate.TaskHost` to the task stored in ``path``, in place.
+
+    The hash and the ans contexts use the host's pristine weights (the host keeps a copy of every
+    tensor a task changed), so tasks can be switched in any order.
+    """
+    mf = read(path)
+    pristine = {**host.model.backbone.state_dict(), **getattr(host, "_pristine", {})}
+    _check_hash(mf, state_dict_hash(pristine), "<TaskHost backbone>")
+
+    class _Pristine(nn.Module):  # a view of the pristine tensors for the decoder's contexts
+        def named_parameters(self, *a, **k):
+            return iter(pristine.items())
+
+    masks = mf.masks(_Pristine(), check_hash=False)
+    return host.switch_(masks, mf.extras, scale=mf.scale)

@@ -1,0 +1,302 @@
+"""The ``.mask`` container: bytes in, validated structures out (see docs/format.md).
+
+Layout (all integers little-endian)::
+
+    0   8   magic  b"\\x89MASK\\r\\n\\x1a"
+    8   2   u16    format version (1)
+    10  4   u32    H, length of the compressed header
+    14  4   u32    crc32 of those H bytes
+    18  H   header: raw DEFLATE of compact UTF-8 JSON
+    18+H    data: tensor payloads, then the extras blob; entries tile it exactly up to EOF
+
+The reader treats every file as hostile: it checks sizes before reading or allocating, bounds
+the header's decompressed size, validates every header field, requires the entries to tile the
+data section (no gaps, overlaps or trailing bytes) and checks each blob's crc32 when it is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+
+from ..errors import FormatError
+from . import bits
+from .codecs import get_codec
+
+MAGIC = b"\x89MASK\r\n\x1a"
+VERSION = 1
+PREAMBLE = struct.Struct("<8sHII")  # magic, version, header length, header crc32
+MAX_HEADER = 16 << 20  # compressed header bytes
+MAX_HEADER_JSON = 64 << 20  # decompressed header bytes
+MAX_NUMEL = 1 << 32  # elements of one mask tensor
+MAX_NDIM = 8
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_TENSOR_KEYS = {"name", "shape", "active", "offset", "length", "crc32"}
+_BLOB_KEYS = {"offset", "length", "crc32"}
+_TOP_KEYS = {"backbone", "codec", "tensors", "extras", "metadata"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One blob in the data section. ``offset`` is relative to the data section's start."""
+
+    offset: int
+    length: int
+    crc32: int
+
+
+@dataclass(frozen=True)
+class TensorEntry(Entry):
+    """A mask tensor: its name, shape and count of active (True) entries."""
+
+    name: str = ""
+    shape: tuple[int, ...] = ()
+    active: int = 0
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class Container:
+    """A parsed, validated ``.mask`` header (no payload has been read yet)."""
+
+    version: int
+    backbone_name: str
+    backbone_hash: str
+    codec: str
+    tensors: list[TensorEntry]
+    extras: Entry | None
+    metadata: dict[str, str]
+    header: dict = field(repr=False)
+    data_offset: int = 0
+    file_size: int = 0
+
+
+# ------------------------------------------------------------------------------------ writing
+
+
+def build(*, backbone_name: str, backbone_hash: str, codec: str,
+          tensors: list[tuple[str, tuple[int, ...], int, bytes]], extras: bytes | None,
+          metadata: dict[str, str]) -> bytes:
+    """Assemble a complete ``.mask`` file.
+
+    Args:
+        tensors: ``(name, shape, active count, encoded payload)`` in file order.
+        extras: a safetensors blob, or None.
+    """
+    entries, blobs, offset = [], [], 0
+    for name, shape, active, payload in tensors:
+        entries.append({"name": name, "shape": list(shape), "active": int(active), "offset": offset,
+                        "length": len(payload), "crc32": zlib.crc32(payload)})
+        blobs.append(payload)
+        offset += len(payload)
+    extras_entry = None
+    if extras is not None:
+        extras_entry = {"offset": offset, "length": len(extras), "crc32": zlib.crc32(extras)}
+        blobs.append(extras)
+    header = {"backbone": {"name": backbone_name, "sha256": backbone_hash}, "codec": codec,
+              "tensors": entries, "extras": extras_entry, "metadata": dict(metadata)}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
+    hdr = packer.compress(text) + packer.flush()
+    _validate(header, len(text), sum(len(b) for b in blobs), where="<new file>")  # never write bad files
+    return PREAMBLE.pack(MAGIC, VERSION, len(hdr), zlib.crc32(hdr)) + hdr + b"".join(blobs)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".maskpack-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable where the platform allows it
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+# ------------------------------------------------------------------------------------ reading
+
+
+def _fail(where: str, msg: str) -> FormatError:
+    return FormatError(f"{where}: {msg}")
+
+
+def parse(path: str | os.PathLike) -> Container:
+    """Read and validate the preamble and header of a ``.mask`` file (payloads are not read)."""
+    where = os.fspath(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        pre = f.read(PREAMBLE.size)
+        if len(pre) < PREAMBLE.size:
+            raise _fail(where, f"file is truncated ({size} bytes): not a complete .mask file")
+        magic, version, hlen, hcrc = PREAMBLE.unpack(pre)
+        if magic != MAGIC:
+            raise _fail(where, "not a .mask file (bad magic bytes)")
+        if version != VERSION:
+            raise _fail(where, f"unsupported .mask format version {version}; this maskpack reads "
+                        f"version {VERSION}: upgrade maskpack")
+        if hlen > MAX_HEADER or PREAMBLE.size + hlen > size:
+            raise _fail(where, f"header length {hlen} runs past the end of the {size}-byte file "
+                        "(truncated or corrupted)")
+        raw = f.read(hlen)
+    if zlib.crc32(raw) != hcrc:
+        raise _fail(where, "header checksum mismatch: the file is corrupted")
+    header = _inflate_json(raw, where)
+    data_len = size - PREAMBLE.size - hlen
+    info = _validate(header, None, data_len, where)
+    info.data_offset, info.file_size = PREAMBLE.size + hlen, size
+    return info
+
+
+def _inflate_json(raw: bytes, where: str) -> dict:
+    d = zlib.decompressobj(-15)
+    try:
+        text = d.decompress(raw, MAX_HEADER_JSON + 1)
+    except zlib.error as exc:
+        raise _fail(where, f"header does not decompress ({exc})") from exc
+    if len(text) > MAX_HEADER_JSON or not d.eof or d.unused_data:
+        raise _fail(where, "header is oversized, truncated or followed by garbage")
+    try:
+        header = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _fail(where, f"header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise _fail(where, "header is not a JSON object")
+    return header
+
+
+def _int(value, lo: int, hi: int, what: str, where: str) -> int:
+    if type(value) is not int or not lo <= value <= hi:
+        raise _fail(where, f"{what} must be an integer in {lo}..{hi}, got {value!r:.60}")
+    return value
+
+
+def _blob(d, what: str, where: str, keys: set[str]) -> Entry:
+    if not isinstance(d, dict) or set(d) != keys:
+        raise _fail(where, f"{what} must be an object with keys {sorted(keys)}")
+    return Entry(_int(d["offset"], 0, 1 << 62, f"{what} offset", where),
+                 _int(d["length"], 0, 1 << 62, f"{what} length", where),
+                 _int(d["crc32"], 0, 0xFFFFFFFF, f"{what} crc32", where))
+
+
+def _tensor(d, i: int, where: str) -> TensorEntry:
+    if not isinstance(d, dict):
+        raise _fail(where, f"tensor entry {i} is not an object")
+    name = d.get("name")
+    if not isinstance(name, str) or not name or len(name) > 1024:
+        raise _fail(where, f"tensor entry {i} has no valid name")
+    what = f"tensor {name!r}"
+    e = _blob(d, what, where, _TENSOR_KEYS)
+    shape = d["shape"]
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM:
+        raise _fail(where, f"{what} shape must be a list of at most {MAX_NDIM} sizes")
+    shape = tuple(_int(s, 0, MAX_NUMEL, f"{what} shape", where) for s in shape)
+    t = TensorEntry(e.offset, e.length, e.crc32, name, shape, 0)
+    if t.numel > MAX_NUMEL:
+        raise _fail(where, f"{what} declares {t.numel} elements, more than the limit {MAX_NUMEL}")
+    active = _int(d["active"], 0, t.numel, f"{what} active count", where)
+    return TensorEntry(e.offset, e.length, e.crc32, name, shape, active)
+
+
+def _validate(header: dict, _text_len: int | None, data_len: int, where: str) -> Container:
+    if set(header) != _TOP_KEYS:
+        raise _fail(where, f"header keys must be {sorted(_TOP_KEYS)}, got {sorted(header)[:10]}")
+    bb = header["backbone"]
+    if not isinstance(bb, dict) or set(bb) != {"name", "sha256"} or not isinstance(bb["name"], str) \
+            or not isinstance(bb["sha256"], str) or not _HEX64.fullmatch(bb["sha256"]):
+        raise _fail(where, "header 'backbone' must be {name: str, sha256: 64 lowercase hex digits}")
+    codec = header["codec"]
+    if not isinstance(codec, str):
+        raise _fail(where, "header 'codec' must be a string")
+    get_codec(codec)  # CodecError for an unknown codec
+    meta = header["metadata"]
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise _fail(where, "header 'metadata' must map strings to strings")
+    if not isinstance(header["tensors"], list):
+        raise _fail(where, "header 'tensors' must be a list")
+    tensors = [_tensor(d, i, where) for i, d in enumerate(header["tensors"])]
+    extras = None if header["extras"] is None else _blob(header["extras"], "extras", where, _BLOB_KEYS)
+    _check_tiling(tensors, extras, data_len, codec, where)
+    return Container(1, bb["name"], bb["sha256"], codec, tensors, extras, dict(meta), header)
+
+
+def _check_tiling(tensors: list[TensorEntry], extras: Entry | None, data_len: int, codec: str,
+                  where: str) -> None:
+    seen: set[str] = set()
+    pos = 0
+    for t in tensors:
+        if t.name in seen:
+            raise _fail(where, f"tensor {t.name!r} appears twice")
+        seen.add(t.name)
+        if t.offset != pos:
+            raise _fail(where, f"tensor {t.name!r} starts at {t.offset}, expected {pos}: entries must "
+                        "follow each other without gaps or overlaps")
+        if codec == "raw" and t.length != bits.packed_size(t.numel):
+            raise _fail(where, f"tensor {t.name!r} has shape {list(t.shape)} ({t.numel} bits) but a "
+                        f"{t.length}-byte raw payload; expected {bits.packed_size(t.numel)}")
+        pos += t.length
+    if extras is not None:
+        if extras.offset != pos:
+            raise _fail(where, f"extras start at {extras.offset}, expected {pos}")
+        pos += extras.length
+    if pos != data_len:
+        raise _fail(where, f"entries cover {pos} data bytes but the file holds {data_len}: "
+                    "truncated file or trailing garbage")
+
+
+def read_blob(path: str | os.PathLike, info: Container, entry: Entry, what: str) -> bytes:
+    """Read one blob and check its crc32 (FormatError when the file changed or is corrupted)."""
+    with open(path, "rb") as f:
+        f.seek(info.data_offset + entry.offset)
+        data = f.read(entry.length)
+    if len(data) != entry.length:
+        raise FormatError(f"{os.fspath(path)}: {what} is truncated (file changed while reading?)")
+    if zlib.crc32(data) != entry.crc32:
+        raise FormatError(f"{os.fspath(path)}: checksum mismatch in {what}: the file is corrupted")
+    return data
+
+
+def read_data(path: str | os.PathLike, info: Container) -> bytes:
+    """The whole data section (its size was validated against the file size by :func:`parse`)."""
+    with open(path, "rb") as f:
+        f.seek(info.data_offset)
+        data = f.read(info.file_size - info.data_offset + 1)
+    if len(data) != info.file_size - info.data_offset:
+        raise FormatError(f"{os.fspath(path)}: the file changed size while reading")
+    return data
+
+
+def blob(path: str | os.PathLike, data: bytes, entry: Entry, what: str) -> bytes:
+    """Slice one blob out of the data section and check its crc32."""
+    out = data[entry.offset:entry.offset + entry.length]
+    if zlib.crc32(out) != entry.crc32:
+        raise FormatError(f"{os.fspath(path)}: checksum mismatch in {what}: the file is corrupted")
+    return out
