@@ -40,16 +40,43 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Lo
 _ATTN_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
-class _StraightThrough(torch.autograd.Function):
-    """Binary threshold forward, identity backward: dL/dS := dL/dM."""
+class _MaskedWeight(torch.autograd.Function):
+    """W * (M * 1/alpha) with the straight-through gradient dL/dS := dL/dM, in one node.
+
+    Forward is computed by :func:`masked_weight` (so baking is bit-identical); backward is
+    written out by hand, which saves autograd from keeping and revisiting five intermediate
+    tensors per masked layer:
+
+        dL/dM_j = g_j W_j inv  -  0.5 inv^3 / n * sum_i(g_i W_i M_i)   (second term: via alpha)
+    """
 
     @staticmethod
-    def forward(ctx, mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
-        return mask.to(like.dtype)
+    def forward(ctx, weight, scores, mask, scale: bool, detach_alpha: bool):  # noqa: ARG004
+        mf = mask.to(weight.dtype)
+        out = masked_weight(weight, mf, scale=scale)
+        ctx.scale, ctx.detach_alpha = scale, detach_alpha
+        ctx.save_for_backward(weight, mf)
+        return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: ARG004
-        return None, grad
+    def backward(ctx, grad):
+        weight, mf = ctx.saved_tensors
+        gw = grad * weight  # dL/d(M * 1/alpha)
+        grad_w = None
+        if not ctx.scale:
+            grad_s = gw
+            if ctx.needs_input_grad[0]:
+                grad_w = grad * mf
+            return grad_w, grad_s, None, None, None
+        n = max(mf.numel(), 1)
+        mean = mf.mean()
+        inv = torch.rsqrt(torch.clamp(mean, min=1.0 / n))
+        grad_s = gw * inv
+        if not ctx.detach_alpha and bool(mean > 1.0 / n):  # clamp passes no gradient at its floor
+            grad_s = grad_s + (gw * mf).sum() * (-0.5 * inv**3 / n)
+        if ctx.needs_input_grad[0]:
+            grad_w = grad * (mf * inv)
+        return grad_w, grad_s, None, None, None
 
 
 def inverse_alpha(mask_float: torch.Tensor) -> torch.Tensor:
@@ -123,8 +150,7 @@ class ScoreMask(nn.Module):
         return mask_from_scores(self.scores.detach(), mode=self.mode, threshold=self.threshold, k=self.k)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        m = _StraightThrough.apply(self.mask(), self.scores)  # 0/1 floats, grad flows to scores
-        return masked_weight(weight, m, scale=self.scale, detach_alpha=self.detach_alpha)
+        return _MaskedWeight.apply(weight, self.scores, self.mask(), self.scale, self.detach_alpha)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode}, threshold={self.threshold}, scale={self.scale}"
