@@ -49,7 +49,8 @@ def _contexts(bb_hash: str | None, name: str, w: torch.Tensor) -> TensorContexts
 def _module(backbone) -> nn.Module:
     module = getattr(backbone, "model", backbone)
     if not isinstance(module, nn.Module):
-        raise ConfigError(f"backbone must be a maskpack.Backbone or an nn.Module, got {type(backbone).__name__}")
+        raise ConfigError("backbone must be a maskpack.Backbone or an nn.Module, got "
+                          f"{type(backbone).__name__}")
     return module
 
 
@@ -130,7 +131,8 @@ def save(path: str | os.PathLike, masks: dict[str, torch.Tensor], backbone, *,
             raise FormatError(f"mask {name!r} must be a torch.bool tensor, got "
                               f"{getattr(m, 'dtype', type(m).__name__)}")
         if tuple(m.shape) != tuple(w.shape):
-            raise FormatError(f"mask {name!r} has shape {tuple(m.shape)}, the backbone's tensor {tuple(w.shape)}")
+            raise FormatError(f"mask {name!r} has shape {tuple(m.shape)}, the backbone's tensor "
+                              f"{tuple(w.shape)}")
         flat = m.detach().to("cpu").reshape(-1).numpy()
         payload = cod.encode(flat, _absw(w) if cod.needs_backbone else None, level)
         entries.append((name, tuple(m.shape), int(np.count_nonzero(flat)), payload))
@@ -240,7 +242,8 @@ class MaskFile:
             if weights is not None:
                 w = weights.get(t.name)
                 if w is None or tuple(w.shape) != t.shape:
-                    raise FormatError(f"{self.path}: mask {t.name!r} {list(t.shape)} does not fit the backbone "
+                    raise FormatError(f"{self.path}: mask {t.name!r} {list(t.shape)} does not fit the "
+                                      "backbone "
                                       f"({'missing' if w is None else list(w.shape)})")
                 absw = _contexts(bb_hash, t.name, w) if cod.needs_backbone else None
             payload = container.blob(self.path, data, t, f"tensor {t.name!r}")
@@ -252,7 +255,7 @@ class MaskFile:
         return out
 
     def verify(self, backbone=None) -> None:
-        """Check every checksum, the extras and (given the backbone, or for non-ans codecs) decode all masks."""
+        """Check every checksum and the extras; decode all masks given the backbone (or a non-ans codec)."""
         data = self._data()
         for t in self.tensors:
             container.blob(self.path, data, t, f"tensor {t.name!r}")

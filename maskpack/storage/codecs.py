@@ -159,14 +159,26 @@ def _zstd_dec(data: bytes, cap: int) -> bytes:
     size = zstandard.frame_content_size(data)
     if size != cap:
         raise CodecError(f"zstd payload declares {size} bytes, expected {cap}")
-    # The frame's declared size was checked above, so the output buffer is bounded by ``cap``.
-    return zstandard.ZstdDecompressor().decompress(data, max_output_size=max(cap, 1))
+    # The frame's declared size was checked above and zstd enforces it, so output is bounded by ``cap``.
+    d = zstandard.ZstdDecompressor().decompressobj()
+    out = d.decompress(data)
+    if len(out) != cap or not d.eof or d.unused_data:
+        raise CodecError("zstd payload is truncated, oversized or has trailing bytes")
+    return out
 
 
 def _lzma_filters(level: int | None, size: int):
     # Raw LZMA2 (no container header); the dictionary is sized from the (validated) output size so
     # neither side allocates the preset's 64 MiB.
     return [{"id": lzma.FILTER_LZMA2, "preset": 9 if level is None else level, "dict_size": max(4096, size)}]
+
+
+def _lzma_enc(data: bytes, level: int | None) -> bytes:
+    return lzma.compress(data, format=lzma.FORMAT_RAW, filters=_lzma_filters(level, len(data)))
+
+
+def _lzma_dec(data: bytes, cap: int) -> bytes:
+    return _bounded(lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=_lzma_filters(None, cap)), data, cap)
 
 
 CODECS: dict[str, Codec] = {
@@ -177,9 +189,7 @@ CODECS: dict[str, Codec] = {
               default_level=9, levels=(0, 9)),
         Codec("bz2", lambda d, lv: bz2.compress(d, compresslevel=lv),
               lambda d, cap: _bounded(bz2.BZ2Decompressor(), d, cap), default_level=9, levels=(1, 9)),
-        Codec("lzma", lambda d, lv: lzma.compress(d, format=lzma.FORMAT_RAW, filters=_lzma_filters(lv, len(d))),
-              lambda d, cap: _bounded(lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=_lzma_filters(None, cap)),
-                                      d, cap),
+        Codec("lzma", _lzma_enc, _lzma_dec,
               default_level=9, levels=(0, 9)),
         Codec("lz4", _lz4_enc, _lz4_dec, default_level=None, levels=(1, 12)),
         Codec("snappy", lambda d, lv: __import__("snappy").compress(d), _snappy_dec),

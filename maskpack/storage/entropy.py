@@ -284,7 +284,7 @@ def decode_mask(payload: bytes, numel: int, absw: np.ndarray | TensorContexts | 
     order, sizes = (None, np.array([numel])) if lb == 0 else _check_absw(absw, numel).order(lb)
     sizes = sizes.tolist()
     minors = []
-    for b, (c, n_b) in enumerate(zip(counts, sizes)):
+    for b, (c, n_b) in enumerate(zip(counts, sizes, strict=True)):
         if c > n_b:
             raise CodecError(f"ans bucket {b} claims {c} ones but holds {n_b} elements")
         minors.append(min(c, n_b - c))
@@ -294,8 +294,8 @@ def decode_mask(payload: bytes, numel: int, absw: np.ndarray | TensorContexts | 
     if words.size and not sum(minors):
         raise CodecError("ans payload has coded data but its bucket counts need none")
     # Fill with the most common majority, then fix up buckets with the other majority and minorities.
-    maj = [c > n_b - c for c, n_b in zip(counts, sizes)]
-    fill = sum(n_b for mj, n_b in zip(maj, sizes) if mj) * 2 >= numel
+    maj = [c > n_b - c for c, n_b in zip(counts, sizes, strict=True)]
+    fill = sum(n_b for mj, n_b in zip(maj, sizes, strict=True) if mj) * 2 >= numel
     out = np.full(numel, fill, dtype=bool)
     try:
         coder = constriction.stream.stack.AnsCoder(words)

@@ -1,0 +1,283 @@
+"""The .mask container: golden bytes, and every hostile-input case gets our specific error."""
+
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import maskpack
+from maskpack.errors import CodecError, FormatError, MaskpackError
+from maskpack.storage import container
+
+
+def fixed_net() -> nn.Module:
+    """Exactly representable weights: the same hash on every machine and torch version."""
+    net = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Conv2d(3, 2, 3, bias=False))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(((torch.arange(p.numel()) % 7 - 3) * 0.25).reshape(p.shape))
+    return net
+
+
+def fixed_masks() -> dict[str, torch.Tensor]:
+    return {"0.weight": torch.arange(12).reshape(3, 4) % 3 != 0,
+            "1.weight": torch.arange(54).reshape(2, 3, 3, 3) % 5 != 1}
+
+
+def _save(path, codec="raw", **kw):
+    maskpack.save(path, fixed_masks(), fixed_net(), codec=codec, **kw)
+    return path.read_bytes()
+
+
+# Pinned bytes of format version 1. If these change, the format changed: bump VERSION.
+GOLDEN_RAW = (
+    "894d41534b0d0a1a0100e000000003dec9c065d0cd6ac3300c07f077d1d98cd88abff21a3b961d645b694253674bdc76"
+    "50f2ee7529a483e1832d817e7fe13b048aa7306786ee0e99cef5864ffeb9702e234d20601d486953bbbdc240419b9012"
+    "b1f2e8d1a4467b1b5aa33938a69ea525eb255a257bef75b4c1d91095948a7572b0098873e258ad856e952e9cd77959a1"
+    "3becd1cdc78dc7e3505ec1dfb57540d17e09a058c66b2d9d80b9ef572ed0350226cec73240a72abd4454f5854eba4662"
+    "db6c6257e57f55097c9e3f728b6f5abd69bbd368b4914669dcea14ff9685eaeaf9324d02ce5c2851a1e7279e6ae015b6"
+    "ed01b60dbdf7de7befbd37")
+GOLDEN_ANS = (
+    "894d41534b0d0a1a0100db00000070b16a7765d0c16ac3300c00d07fd1d98c588aed38bfb163d941b695262c75b6c45d"
+    "0b25ff3e8f413a183a0809f424f480c0f13d2c59a07f40e64bcdf02a9f57c965e219146c23a3b1b53b20050ec6869458"
+    "d093279b1ae35d68ad91d0090fa21d3bafc9a11ebc37d185ce85885aa398d4c1ae202e4962b5386f952e92b765dda03f"
+    "1dab9b979b4ce7b1fc2efea8ad13a9f64d01c7327dd5b253b00cc32605fa46c12cf95c46e86da5d748083da2268b8e0c"
+    "edea50f57f1515fdc41fb9a5276d9fb46e0e5b23b5da6a57ed3a27f7b2723d3e5fe759c1450a272e5cdfb8efdf0008fc"
+    "ef2513002b3a4863dcc968b811")
+
+
+def test_golden_bytes_raw(tmp_path):
+    data = _save(tmp_path / "g.mask", "raw", metadata={"k": "v"})
+    assert data[:18].hex() == "894d41534b0d0a1a0100" + data[10:18].hex()
+    assert data.hex() == GOLDEN_RAW
+
+
+def test_golden_bytes_ans(tmp_path):
+    assert _save(tmp_path / "g.mask", "ans").hex() == GOLDEN_ANS
+
+
+def test_golden_header_content(tmp_path):
+    data = _save(tmp_path / "g.mask", "raw", metadata={"k": "v"})
+    magic, version, hlen, hcrc = struct.unpack("<8sHII", data[:18])
+    assert (magic, version) == (b"\x89MASK\r\n\x1a", 1)
+    header = json.loads(zlib.decompress(data[18:18 + hlen], -15))
+    assert header["backbone"] == {"name": "Sequential", "sha256": maskpack.backbone_hash(fixed_net())}
+    assert header["codec"] == "raw" and header["extras"] is None and header["metadata"] == {"k": "v"}
+    t0, t1 = header["tensors"]
+    assert t0 == {"name": "0.weight", "shape": [3, 4], "active": 8, "offset": 0, "length": 2,
+                  "crc32": zlib.crc32(data[18 + hlen:18 + hlen + 2])}
+    assert t1["offset"] == 2 and t1["length"] == 7
+    # raw payload: np.packbits little bit order of the C-order flattened mask
+    assert data[18 + hlen:18 + hlen + 2] == np.packbits(fixed_masks()["0.weight"].numpy().ravel(),
+                                                        bitorder="little").tobytes()
+
+
+def test_same_inputs_same_bytes(tmp_path):
+    a = _save(tmp_path / "a.mask", "ans", extras={"head.weight": torch.ones(2, 2)}, metadata={"x": "1"})
+    masks = dict(reversed(list(fixed_masks().items())))  # dict order does not matter
+    maskpack.save(tmp_path / "b.mask", masks, fixed_net(), codec="ans",
+                  extras={"head.weight": torch.ones(2, 2)}, metadata={"x": "1"})
+    assert (tmp_path / "b.mask").read_bytes() == a
+
+
+# ------------------------------------------------------------------------------ hostile files
+
+
+def _rewrite(src: bytes, mutate) -> bytes:
+    """Re-pack a file after mutating its header dict (with a valid header checksum)."""
+    hlen = struct.unpack("<I", src[10:14])[0]
+    header = json.loads(zlib.decompress(src[18:18 + hlen], -15))
+    mutate(header)
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    hdr = c.compress(json.dumps(header).encode()) + c.flush()
+    return struct.pack("<8sHII", src[:8], 1, len(hdr), zlib.crc32(hdr)) + hdr + src[18 + hlen:]
+
+
+@pytest.fixture
+def good(tmp_path):
+    return _save(tmp_path / "good.mask", "raw", extras={"head.bias": torch.arange(3.0)})
+
+
+def _open(tmp_path, data):
+    p = tmp_path / "bad.mask"
+    p.write_bytes(data)
+    mf = maskpack.read(p)
+    mf.masks()
+    return mf.extras
+
+
+def test_truncated(tmp_path, good):
+    for cut in (0, 5, 17, 18, 30, len(good) - 1):
+        with pytest.raises(FormatError, match="truncated|past the end|checksum"):
+            _open(tmp_path, good[:cut])
+
+
+def test_header_length_past_end(tmp_path, good):
+    with pytest.raises(FormatError, match="past the end"):
+        _open(tmp_path, good[:10] + struct.pack("<I", 1 << 20) + good[14:])
+
+
+def test_bad_magic_and_version(tmp_path, good):
+    with pytest.raises(FormatError, match="bad magic"):
+        _open(tmp_path, b"PK\x03\x04" + good[4:])
+    with pytest.raises(FormatError, match="version 2"):
+        _open(tmp_path, good[:8] + b"\x02\x00" + good[10:])
+
+
+def test_unknown_codec(tmp_path, good):
+    with pytest.raises(CodecError, match="unknown codec 'brotli'"):
+        _open(tmp_path, _rewrite(good, lambda h: h.update(codec="brotli")))
+
+
+def test_overlapping_offsets(tmp_path, good):
+    with pytest.raises(FormatError, match="gaps or overlaps"):
+        _open(tmp_path, _rewrite(good, lambda h: h["tensors"][1].update(offset=0)))
+
+
+def test_offset_out_of_range(tmp_path, good):
+    with pytest.raises(FormatError, match="extras start"):
+        _open(tmp_path, _rewrite(good, lambda h: h["extras"].update(offset=10**9)))
+    with pytest.raises(FormatError, match="truncated file or trailing"):
+        _open(tmp_path, _rewrite(good, lambda h: h["extras"].update(length=10**9)))
+
+
+def test_trailing_garbage(tmp_path, good):
+    with pytest.raises(FormatError, match="trailing garbage"):
+        _open(tmp_path, good + b"\x00")
+
+
+def test_shape_payload_disagree(tmp_path, good):
+    with pytest.raises(FormatError, match="raw payload"):
+        _open(tmp_path, _rewrite(good, lambda h: h["tensors"][0].update(shape=[3, 40])))
+
+
+def test_shape_payload_disagree_compressed(tmp_path):
+    data = _save(tmp_path / "z.mask", "zstd")
+    with pytest.raises(CodecError, match="declares"):
+        _open(tmp_path, _rewrite(data, lambda h: h["tensors"][0].update(shape=[3, 40], active=0)))
+
+
+def test_active_count_disagree(tmp_path, good):
+    with pytest.raises(FormatError, match="active entries"):
+        _open(tmp_path, _rewrite(good, lambda h: h["tensors"][0].update(active=1)))
+
+
+def test_absurd_sizes(tmp_path, good):
+    with pytest.raises(FormatError, match="limit"):
+        _open(tmp_path, _rewrite(good, lambda h: h["tensors"][0].update(shape=[1 << 30, 1 << 30])))
+    with pytest.raises(FormatError, match="shape"):
+        _open(tmp_path, _rewrite(good, lambda h: h["tensors"][0].update(shape=[1] * 100)))
+    with pytest.raises(FormatError, match="past the end"):
+        _open(tmp_path, good[:10] + struct.pack("<I", 0xFFFFFFFF) + good[14:])
+
+
+def test_header_bomb(tmp_path, good):
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    hdr = c.compress(b" " * (80 << 20)) + c.flush()  # 80 MB of JSON whitespace in ~80 kB
+    bomb = struct.pack("<8sHII", good[:8], 1, len(hdr), zlib.crc32(hdr)) + hdr
+    with pytest.raises(FormatError, match="oversized"):
+        _open(tmp_path, bomb)
+
+
+def test_bad_header_fields(tmp_path, good):
+    cases = [lambda h: h.pop("metadata"), lambda h: h.update(metadata={"a": 1}),
+             lambda h: h["backbone"].update(sha256="xyz"), lambda h: h["tensors"][0].update(active=-1),
+             lambda h: h["tensors"][0].update(name=""), lambda h: h["tensors"].append(h["tensors"][0]),
+             lambda h: h["tensors"][0].update(crc32=1.5), lambda h: h.update(tensors={})]
+    for mutate in cases:
+        with pytest.raises(FormatError):
+            _open(tmp_path, _rewrite(good, mutate))
+
+
+def test_not_json(tmp_path, good):
+    for text in (b"[1, 2]", b"{not json", b"\xff\xfe"):
+        hdr = zlib.compress(text)[2:-4]  # raw DEFLATE: strip zlib's header and adler32
+        with pytest.raises(FormatError, match="JSON"):
+            _open(tmp_path, struct.pack("<8sHII", good[:8], 1, len(hdr), zlib.crc32(hdr)) + hdr)
+
+
+@pytest.mark.parametrize("codec", ["raw", "ans", "zstd"])
+def test_every_flipped_byte_is_caught(tmp_path, codec):
+    data = _save(tmp_path / "f.mask", codec, extras={"head.bias": torch.arange(3.0)})
+    net = fixed_net()
+    for i in range(len(data)):
+        bad = bytearray(data)
+        bad[i] ^= 0x5A
+        p = tmp_path / "bad.mask"
+        p.write_bytes(bytes(bad))
+        with pytest.raises(MaskpackError):
+            mf = maskpack.read(p)
+            mf.masks(net)
+            mf.extras  # noqa: B018
+
+
+def test_extras_blob_must_be_safetensors(tmp_path, good):
+    hlen = struct.unpack("<I", good[10:14])[0]
+    mf = maskpack.read(tmp_path / "good.mask")
+    junk = b"\x08" + b"\x00" * (mf._info.extras.length - 1)
+    start = 18 + hlen + mf._info.extras.offset
+    data = good[:start] + junk
+    data = _rewrite(data, lambda h: h["extras"].update(crc32=zlib.crc32(junk)))
+    with pytest.raises(FormatError, match="safetensors"):
+        _open(tmp_path, data)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.tuples(st.sampled_from(["flip", "cut", "insert", "set"]), st.integers(0, 10**6),
+                              st.integers(0, 255)), min_size=1, max_size=4))
+def test_fuzz_mutated_files_raise_only_our_errors(tmp_path, ops):
+    net = fixed_net()
+    for codec in ("ans", "gzip"):
+        data = bytearray(FUZZ_SEEDS[codec])
+        for op, pos, val in ops:
+            pos %= max(len(data), 1)
+            if op == "flip" and data:
+                data[pos] ^= val or 1
+            elif op == "cut":
+                del data[pos:]
+            elif op == "insert":
+                data[pos:pos] = bytes([val])
+            elif data:
+                data[pos] = val
+        p = tmp_path / "fuzz.mask"
+        p.write_bytes(bytes(data))
+        try:
+            mf = maskpack.read(p)
+            mf.masks(net)
+            mf.extras  # noqa: B018
+        except MaskpackError:
+            pass
+
+
+def _seed(codec: str) -> bytes:
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        return _save(Path(d) / "s.mask", codec, extras={"head.weight": torch.ones(2, 3)}, metadata={"a": "b"})
+
+
+FUZZ_SEEDS = {c: _seed(c) for c in ("ans", "gzip")}
+
+
+def test_container_parse_never_reads_payloads(tmp_path, good):
+    # read() validates the header only: a corrupted payload is found when masks are asked for.
+    hlen = struct.unpack("<I", good[10:14])[0]
+    bad = bytearray(good)
+    bad[18 + hlen] ^= 1
+    (tmp_path / "lazy.mask").write_bytes(bytes(bad))
+    mf = maskpack.read(tmp_path / "lazy.mask")
+    with pytest.raises(FormatError, match="checksum mismatch in tensor '0.weight'"):
+        mf.masks()
+
+
+def test_build_refuses_bad_entries():
+    with pytest.raises(FormatError):
+        container.build(backbone_name="x", backbone_hash="0" * 64, codec="raw",
+                        tensors=[("a", (8,), 1, b"\x01\x02")], extras=None, metadata={})
