@@ -302,7 +302,7 @@ def per_layer_active(model_or_masks) -> dict[str, float]:
 @torch.no_grad()
 def strip_masks_(model: nn.Module) -> None:
     """Bake W*M/alpha into plain parameters and remove all score parametrizations (in place)."""
-    for mod_name, module in list(model.named_modules()):
+    for _, module in list(model.named_modules()):
         if not parametrize.is_parametrized(module):
             continue
         for pname in list(module.parametrizations.keys()):

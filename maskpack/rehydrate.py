@@ -58,7 +58,8 @@ def build_head(extras: dict[str, torch.Tensor]) -> nn.Module | None:
         head.weight.copy_(w)
         if bias is not None:
             if tuple(bias.shape) != (w.shape[0],):
-                raise FormatError(f"extra 'head.bias' has shape {tuple(bias.shape)}, expected ({w.shape[0]},)")
+                raise FormatError(f"extra 'head.bias' has shape {tuple(bias.shape)}, "
+                                  f"expected ({w.shape[0]},)")
             head.bias.copy_(bias)
     return head
 

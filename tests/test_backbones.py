@@ -22,7 +22,8 @@ def test_lite0_is_really_pretrained(lite0):
 
 def test_lite0_shape_and_metadata(lite0):
     assert lite0.feature_dim == 1280 and lite0.input_size == 224
-    n = sum(p.numel() for p in lite0.model.parameters()) + sum(p.numel() for p in lite0.classifier.parameters())
+    n = sum(p.numel() for p in lite0.model.parameters())
+    n += sum(p.numel() for p in lite0.classifier.parameters())
     assert n == 4_652_008
     with torch.no_grad():
         feats = lite0.model(torch.zeros(2, 3, 32, 32))

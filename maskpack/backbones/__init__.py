@@ -158,7 +158,8 @@ def _load_torchvision(arch: str, weights: str | None) -> Backbone:
     else:
         raise BackboneError(f"torchvision:{arch} is not supported yet: only models with a final "
                             "'fc' (ResNets, ...) or 'heads' (ViTs) layer")
-    feat = classifier.in_features if isinstance(classifier, nn.Linear) else classifier[-1].in_features
+    last = classifier if isinstance(classifier, nn.Linear) else classifier[-1]
+    feat = last.in_features
     name = f"torchvision:{arch}" + ("" if weights else "?weights=none")
     return Backbone(name, _freeze(net), feat, size, _IMAGENET_MEAN, _IMAGENET_STD, _freeze(classifier))
 
