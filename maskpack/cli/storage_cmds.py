@@ -1,0 +1,182 @@
+"""``maskpack pack | unpack | inspect | verify``: .mask files from the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from ..errors import FormatError
+from ..storage.codecs import DEFAULT_CODEC, available_codecs
+from . import handle_errors, main
+
+_CKPT_KEYS = ("backbone", "scores", "mask_mode", "threshold", "k", "scale", "extras", "metadata")
+
+
+def _load_checkpoint(path: Path) -> dict:
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad or unsafe file
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise FormatError(f"{path} is not a readable training checkpoint "
+                          f"({type(exc).__name__}: {first})") from exc
+    if not isinstance(ckpt, dict):
+        raise FormatError(f"{path} is not a training checkpoint (expected a dict)")
+    missing = [k for k in ("backbone", "scores") if k not in ckpt]
+    if missing:
+        raise FormatError(f"{path} lacks {missing}: is it a maskpack training checkpoint?")
+    return ckpt
+
+
+def _pack_checkpoint(src: Path, out: str, codec: str, level: int | None) -> None:
+    import maskpack
+    from maskpack.masking import masks_from_scores
+
+    ckpt = _load_checkpoint(src)
+    backbone = maskpack.load_backbone(str(ckpt["backbone"]))
+    masks = masks_from_scores(ckpt["scores"], mode=ckpt.get("mask_mode", "threshold"),
+                              threshold=float(ckpt.get("threshold", 0.0)), k=float(ckpt.get("k", 0.9)))
+    metadata = {str(k): str(v) for k, v in (ckpt.get("metadata") or {}).items()}
+    metadata.setdefault("mask.scale", "true" if ckpt.get("scale", True) else "false")
+    maskpack.save(out, masks, backbone, extras=ckpt.get("extras") or {}, metadata=metadata,
+                  codec=codec, level=level)
+
+
+def _repack(src: Path, out: str, codec: str, level: int | None, backbone_name: str | None) -> None:
+    import maskpack
+
+    mf = maskpack.read(src)
+    backbone = maskpack.load_backbone(backbone_name or mf.backbone_name)
+    maskpack.save(out, mf.masks(backbone), backbone, extras=mf.extras, metadata=mf.metadata,
+                  codec=codec, level=level)
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The .mask file to write.")
+@click.option("--codec", type=click.Choice(available_codecs()), default=DEFAULT_CODEC, show_default=True)
+@click.option("--level", type=int, default=None,
+              help="Compression level (gzip/bz2/lzma 0-9, zstd 1-22, lz4 1-12).")
+@click.option("--backbone", default=None,
+              help="Backbone to re-encode a .mask with (default: the stored name).")
+@handle_errors
+def pack(source: Path, output: str, codec: str, level: int | None, backbone: str | None) -> None:
+    """Write a .mask file from a training run, a checkpoint, or another .mask (re-encode).
+
+    SOURCE is a run directory holding checkpoint.pt, a checkpoint file, or a .mask file.
+
+    \b
+    Example:
+        maskpack pack runs/digits -o digits.mask --codec ans
+        maskpack pack digits.mask -o digits.zstd.mask --codec zstd --level 19
+    """
+    if source.is_dir():
+        source = source / "checkpoint.pt"
+        if not source.exists():
+            raise FormatError(f"{source.parent} has no checkpoint.pt: is it a maskpack training run?")
+    with open(source, "rb") as f:
+        is_mask = f.read(8) == b"\x89MASK\r\n\x1a"
+    if is_mask:
+        _repack(source, output, codec, level, backbone)
+    else:
+        _pack_checkpoint(source, output, codec, level)
+    click.echo(f"wrote {output} ({os.path.getsize(output):,} bytes, codec {codec})")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The .safetensors file to write.")
+@click.option("--backbone", default=None, help="Backbone name (default: the one stored in the file).")
+@handle_errors
+def unpack(path: str, output: str, backbone: str | None) -> None:
+    """Write the full rehydrated model (TaskModel state dict) as safetensors.
+
+    \b
+    Example:
+        maskpack unpack digits.mask -o digits.safetensors
+        python -c "from safetensors.torch import load_file; print(len(load_file('digits.safetensors')))"
+    """
+    from safetensors.torch import save_file
+
+    import maskpack
+
+    model = maskpack.load(path, backbone)
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    meta = dict(maskpack.read(path).metadata)
+    tmp = f"{output}.tmp"
+    save_file(state, tmp, metadata=meta)
+    os.replace(tmp, output)
+    click.echo(f"wrote {output} ({len(state)} tensors, {os.path.getsize(output):,} bytes)")
+
+
+def _summary(mf) -> dict:
+    return {"path": mf.path, "bytes": mf.file_size, "version": mf.version, "codec": mf.codec,
+            "backbone": {"name": mf.backbone_name, "sha256": mf.backbone_hash},
+            "masked_weights": mf.numel, "active_fraction": mf.active_fraction,
+            "bits_per_weight": 8 * mf.file_size / mf.numel if mf.numel else None,
+            "extras_bytes": mf._info.extras.length if mf._info.extras else 0,
+            "metadata": mf.metadata,
+            "tensors": [{"name": t.name, "shape": list(t.shape), "active": t.active,
+                         "active_fraction": t.active / t.numel if t.numel else 1.0, "bytes": t.length}
+                        for t in mf.tensors]}
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@handle_errors
+def inspect(path: str, as_json: bool) -> None:
+    """Show a .mask file's header: backbone, codec, sizes, per-layer active fraction.
+
+    Reads the header only (no backbone needed).
+
+    \b
+    Example:
+        maskpack inspect digits.mask
+        maskpack inspect digits.mask --json | jq .active_fraction
+    """
+    import maskpack
+
+    s = _summary(maskpack.read(path))
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    click.echo(f"{path}: {s['bytes']:,} bytes, format v{s['version']}, codec {s['codec']}")
+    click.echo(f"backbone: {s['backbone']['name']} sha256 {s['backbone']['sha256']}")
+    bpw = f"{s['bits_per_weight']:.3f}" if s["bits_per_weight"] is not None else "-"
+    click.echo(f"masked weights: {s['masked_weights']:,}, active {s['active_fraction']:.4f}, "
+               f"{bpw} bits/weight; extras {s['extras_bytes']:,} bytes")
+    for k, v in s["metadata"].items():
+        click.echo(f"  {k} = {v}")
+    width = max((len(t["name"]) for t in s["tensors"]), default=4)
+    click.echo(f"{'tensor':<{width}}  {'shape':<18} {'active':>7} {'bytes':>9}")
+    for t in s["tensors"]:
+        click.echo(f"{t['name']:<{width}}  {str(t['shape']):<18} {t['active_fraction']:>7.4f} "
+                   f"{t['bytes']:>9,}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--backbone", default=None, help="Backbone to check against (default: the stored name).")
+@handle_errors
+def verify(path: str, backbone: str | None) -> None:
+    """Check a .mask file: backbone hash, every checksum, and that every mask decodes.
+
+    \b
+    Example:
+        maskpack verify digits.mask --backbone efficientnet_lite0
+    """
+    import maskpack
+
+    mf = maskpack.read(path)
+    bb = maskpack.load_backbone(backbone or mf.backbone_name)
+    mf.check_backbone(bb)
+    mf.verify(bb)
+    click.echo(f"OK: {path} ({len(mf.tensors)} masks, codec {mf.codec}, backbone {mf.backbone_name} "
+               f"sha256 {mf.backbone_hash[:12]}...)")
