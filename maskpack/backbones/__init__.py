@@ -141,7 +141,8 @@ def _load_torchvision(arch: str, weights: str | None) -> Backbone:
     try:
         builder = torchvision.models.get_model_builder(arch)
     except ValueError as exc:
-        raise BackboneError(f"unknown torchvision model {arch!r}; see torchvision.models.list_models()") from exc
+        raise BackboneError(f"unknown torchvision model {arch!r}; "
+                            "see torchvision.models.list_models()") from exc
     try:
         net = builder(weights=weights)
     except Exception as exc:  # download or cache failure: name the cause and the fix
