@@ -1,0 +1,156 @@
+"""``maskpack bench``: masks against fine-tuned weights, compressed every way (a shell over
+:mod:`maskpack.bench`)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from . import handle_errors, main
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.3f} MB" if n >= 100_000 else f"{n:,} B"
+
+
+def _speed(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.1f}"
+
+
+def _acc(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def render(result, console) -> None:
+    """Print the paper-style table, the headline ratios and the accuracies."""
+    from rich.table import Table
+
+    table = Table(title=f"{result.backbone}: {result.tensors} masked tensors, {result.numel:,} weights "
+                        f"({result.active:.2%} kept by the mask, {result.changed:.2%} changed by the "
+                        "fine-tune)")
+    for col in ("stored", "method", "raw size", "compressed", "reduction", "encode MB/s", "decode MB/s"):
+        table.add_column(col, justify="left" if col in ("stored", "method") else "right")
+    best = {side: result.best(side).method for side in ("mask", "fp32")}
+    sides = (("mask", result.mask_rows, "mask bits"), ("fp32", result.fp32_rows, "fp32 weights"))
+    for side, rows, label in sides:
+        for i, r in enumerate(rows):
+            method = f"[bold]{r.method}[/bold]" if r.method == best[side] else r.method
+            table.add_row(label if i == 0 else "", method, _size(r.raw_bytes), _size(r.compressed_bytes),
+                          f"{r.reduction:.2f}%", _speed(r.encode_mbps), _speed(r.decode_mbps),
+                          end_section=i == len(rows) - 1)
+    console.print(table)
+    ra, w = result.ratios, result.whole
+    mb, fb = result.best("mask"), result.best("fp32")
+    console.print(f"[bold]masks are {ra['honest']:.1f}x smaller than the fine-tuned weights, best codec on "
+                  f"each side[/bold] ({mb.method} {_size(mb.compressed_bytes)} vs {fb.method} "
+                  f"{_size(fb.compressed_bytes)}; backbone-only, the paper's definition)")
+    console.print(f"paper-style (lzma -9 on both sides): {ra['paper']:.1f}x   uncompressed: {ra['raw']:.1f}x")
+    console.print(f"whole checkpoint (head and BN statistics on both sides): {ra['whole']:.1f}x "
+                  f"(.mask file {_size(w['mask_file_bytes'])} vs fine-tune {w['fft_best_method']} "
+                  f"{_size(w['fft_best_bytes'])}, raw {_size(w['fft_raw_bytes'])}); lzma on both: "
+                  f"{ra['whole_paper']:.1f}x")
+    acc = result.accuracy
+    console.print(f"test accuracy: mask {_acc(acc.get('mask'))}, fine-tune {_acc(acc.get('fft'))}")
+
+
+@main.command("bench")
+@click.option("--mask", "mask_path", type=click.Path(dir_okay=False), default=None,
+              help="An existing task.mask (with --finetuned): skip training.")
+@click.option("--finetuned", type=click.Path(dir_okay=False), default=None,
+              help="An existing fft model.safetensors (with --mask).")
+@click.option("--dataset", default="digits", show_default=True,
+              help="digits (embedded), cifar10, cifar100 or imagefolder:PATH.")
+@click.option("--backbone", default="efficientnet_lite0", show_default=True, help="Backbone registry name.")
+@click.option("--data-dir", default=None, help="Where the CIFAR archives live (~/.cache/maskpack/data).")
+@click.option("--download", is_flag=True, help="Let torchvision download CIFAR into --data-dir.")
+@click.option("--epochs", type=int, default=3, show_default=True, help="Epochs for each of the two runs.")
+@click.option("--image-size", type=int, default=32, show_default=True, help="Input side in px.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-steps", type=int, default=None, hidden=True, help="Cap steps per epoch (tests).")
+@click.option("--out", default="runs/bench", show_default=True,
+              help="Directory of the two training runs (OUT/mask, OUT/fft); finished runs are reused.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the results as JSON to this file.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write a bar chart (PNG) of the compressed sizes; needs matplotlib (extra 'plot').")
+@click.option("--quiet", "-q", is_flag=True, help="No progress; print only the table and headline.")
+@handle_errors
+def bench_cmd(mask_path, finetuned, dataset, backbone, data_dir, download, epochs, image_size, batch_size,
+              device, seed, max_steps, out, json_path, plot_path, quiet) -> None:
+    """Compare storing a task as a mask with storing it as a full fine-tune.
+
+    Trains a mask and a full fine-tune with the same budget (or takes existing ones), then
+    compresses the masks (bit-packed: gzip, bz2, lzma, lz4, snappy, zstd, and maskpack's ans
+    coder) and the fine-tuned fp32 weights of the same tensors (the same codecs, plus byte
+    grouping and the XOR-with-backbone delta). Prints the paper-style table, both headline
+    ratios (lzma on both sides; best codec on each side), accuracies and codec speeds.
+
+    \b
+    Example:
+        maskpack bench                                   # embedded Lite0 + digits, a few minutes
+        maskpack bench --dataset cifar100 --epochs 30 --image-size 64 --out runs/c100 --plot c100.png
+        maskpack bench --mask runs/m/task.mask --finetuned runs/f/model.safetensors --json res.json
+    """
+    from rich.console import Console
+
+    from .. import bench
+    from ..errors import ConfigError
+
+    if (mask_path is None) != (finetuned is None):
+        raise ConfigError("give both --mask and --finetuned, or neither (then both are trained)")
+    if plot_path:  # fail before minutes of training, not after
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ConfigError("--plot needs matplotlib: pip install 'maskpack[plot]' (or pip install "
+                              "matplotlib)") from None
+    console = Console()
+    t0 = time.perf_counter()
+    info: dict = {}
+    if mask_path is None:
+        cfg = bench.PairConfig(dataset=dataset, backbone=backbone, epochs=epochs, image_size=image_size,
+                               batch_size=batch_size, data_dir=data_dir, download=download, out=out,
+                               device=device, seed=seed, max_steps_per_epoch=max_steps, quiet=quiet)
+        if not quiet:
+            console.print(f"training a mask and a fine-tune on {dataset} ({epochs} epochs, {image_size} px) "
+                          f"into {out}/mask and {out}/fft")
+        pair = bench.train_pair(cfg)
+        mask_path, finetuned = pair["mask_path"], pair["fft_path"]
+        info = {"dataset": dataset, "epochs": epochs, "image_size": image_size, "train_s": pair["train_s"]}
+    result = _compare(bench, mask_path, finetuned, info, quiet, console)
+    result.info["total_s"] = time.perf_counter() - t0
+    render(result, console)
+    if json_path:
+        Path(json_path).write_text(result.to_json() + "\n")
+        if not quiet:
+            console.print(f"wrote {json_path}")
+    if plot_path:
+        bench.plot(result, plot_path)
+        if not quiet:
+            console.print(f"wrote {plot_path}")
+
+
+def _compare(bench, mask_path, finetuned, info, quiet, console):
+    if quiet:
+        return bench.compare_files(mask_path, finetuned, info=info)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    steps = 1 + len(bench.GENERAL) + 2 * len(bench.fp32_methods()) + 2
+    with Progress(TextColumn("compressing {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as prog:
+        task = prog.add_task("", total=steps)
+
+        started = []
+
+        def step(label: str) -> None:  # called before each method: the previous one is done
+            prog.update(task, description=label, advance=1 if started else 0)
+            started.append(label)
+
+        result = bench.compare_files(mask_path, finetuned, info=info, progress=step)
+        prog.update(task, completed=steps)
+    return result
+
