@@ -137,6 +137,7 @@ class TrainConfig:
     bn_reestimate: bool | None = None  # re-estimate BN stats on clean train images before eval/save
     bn_reestimate_batches: int = 100
     train_bn_affine: bool = False  # masks only: also train BN weight/bias (saved as extras)
+    bn_lr: float | None = None  # lr of those BN weight/bias (None: head_lr; never the score lr)
     # SwAV
     swav_dim: int = 128
     swav_hidden: int = 0
@@ -515,7 +516,10 @@ class _Run:
         head = {id(p) for p in self.objective.parameters()}
         groups: dict[str, dict[str, Any]] = {
             "scores": {"params": [], "lr": c.lr, "weight_decay": 0.0},  # never decay scores
-            "weights": {"params": [], "lr": c.lr, "weight_decay": c.weight_decay},
+            # fft: all weights at lr; masks: only BN affine (train_bn_affine) at bn_lr, never at
+            # the score lr (50 would blow BN up)
+            "weights": {"params": [], "lr": c.lr if not self.masked else
+                        (c.bn_lr if c.bn_lr is not None else c.head_lr), "weight_decay": c.weight_decay},
             "head": {"params": [], "lr": c.head_lr, "weight_decay": c.head_weight_decay},
         }
         if c.method == "fft":

@@ -1,0 +1,187 @@
+"""``maskpack train`` and ``maskpack eval``: thin shells over :mod:`maskpack.train` and
+:mod:`maskpack.evaluate`."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import click
+from click.core import ParameterSource
+
+from . import handle_errors, main
+
+# CLI option name -> TrainConfig field, for options whose names differ.
+_FIELD = {"workers": "num_workers", "knn": "eval_knn", "init_from": None, "set_values": None,
+          "json_out": None, "max_steps": "max_steps_per_epoch", "topk": "topk_k"}
+
+
+def _parse_set(values: tuple[str, ...]) -> dict:
+    """``--set key=value`` pairs; values are parsed as JSON when they can be (numbers, lists)."""
+    from ..errors import ConfigError
+    from ..train import TrainConfig
+
+    names = {f for f in TrainConfig.__dataclass_fields__}
+    out = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in names:
+            raise ConfigError(f"--set {item!r}: use KEY=VALUE with KEY one of the TrainConfig fields "
+                              "(see docs/training.md)")
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text.split("/")[-1] or text).strip("-") or "run"
+
+
+@main.command("train")
+@click.option("--backbone", default="efficientnet_lite0", show_default=True,
+              help="Backbone registry name (efficientnet_lite0, torchvision:resnet18 ...).")
+@click.option("--dataset", default="digits", show_default=True,
+              help="digits, cifar10, cifar100 or imagefolder:PATH (PATH/train, PATH/test).")
+@click.option("--data-dir", default=None, help="Where the CIFAR archives live (~/.cache/maskpack/data).")
+@click.option("--download", is_flag=True, help="Let torchvision download CIFAR into --data-dir.")
+@click.option("--objective", type=click.Choice(["supervised", "swav"]), default="supervised",
+              show_default=True)
+@click.option("--method", type=click.Choice(["mask", "topk", "fft"]), default="mask", show_default=True,
+              help="mask: scores > 0 (the paper); topk: keep the top fraction; fft: full fine-tuning.")
+@click.option("--recipe", default="default", show_default=True,
+              help="Named defaults for lr, head lr, warm-up, BN re-estimation (default, paper).")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, default=None,
+              help="Score lr for masks (default 50) or weight lr for fft (0.01).")
+@click.option("--head-lr", type=float, default=None,
+              help="Head / SwAV projection lr (default 0.01; fft: --lr).")
+@click.option("--weight-decay", type=float, default=None, help="fft only (default 5e-4); never on scores.")
+@click.option("--warmup", default=None, help="Linear warm-up: epochs (fractional ok) or 'a/b' of them.")
+@click.option("--image-size", type=int, default=None,
+              help="Input side in px (default: the dataset's, at most the backbone's).")
+@click.option("--labels", type=float, default=1.0, show_default=True, help="Fraction of labels used.")
+@click.option("--mask-layers", default="all", show_default=True,
+              help="Weights to mask: all, pointwise, no-depthwise, no-stem, joined by '+', or re:REGEX.")
+@click.option("--topk", type=float, default=0.9, show_default=True, help="Fraction kept by --method topk.")
+@click.option("--detach-alpha", is_flag=True, help="Stop the gradient through alpha = sqrt(mean(M)).")
+@click.option("--bn-mode", type=click.Choice(["train", "frozen"]), default="train", show_default=True,
+              help="train: BN statistics update during training; frozen: BN stays in eval mode.")
+@click.option("--bn-reestimate/--no-bn-reestimate", default=None,
+              help="Re-estimate BN statistics on clean training images before evaluating and saving.")
+@click.option("--knn", type=click.Choice(["never", "end", "epoch"]), default="end", show_default=True,
+              help="When to compute k-NN accuracy (k=200, T=0.1).")
+@click.option("--probe", is_flag=True, help="Also fit a logistic-regression probe at the end.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--workers", type=int, default=None,
+              help="Data-loading processes (default 0 on CPU, 8 on CUDA).")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--init-from", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Start the scores from another run's checkpoint.pt (e.g. a dispatcher).")
+@click.option("--set", "set_values", multiple=True, metavar="KEY=VALUE",
+              help="Any other TrainConfig knob, e.g. --set swav_queue_length=0 (repeatable).")
+@click.option("--stop-after", type=int, default=None,
+              help="Stop after this many epochs (continue with --resume).")
+@click.option("--max-steps", type=int, default=None, hidden=True, help="Cap steps per epoch (benchmarks).")
+@click.option("--out", default=None, help="Run directory (default runs/<dataset>-<objective>-<method>).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or per-epoch lines.")
+@click.option("--json", "json_out", is_flag=True, help="Print the final metrics as JSON.")
+@click.pass_context
+@handle_errors
+def train_cmd(ctx: click.Context, **opts) -> None:
+    """Train a task mask (or fine-tune) on a dataset; write a run directory.
+
+    The run directory holds config.json, metrics.jsonl, checkpoint.pt (each epoch) and at the
+    end task.mask (mask/topk) or model.safetensors (fft).
+
+    \b
+    Example:
+        maskpack train --dataset digits --image-size 32 --epochs 10 --out runs/digits
+        maskpack train --dataset digits --method fft --out runs/digits-fft
+        maskpack train --dataset imagefolder:data/cifar10-5k --objective swav --out runs/swav
+        maskpack train --out runs/digits --resume          # after an interruption
+    """
+    from ..train import TrainConfig, resume_config, run
+
+    init_from = opts.pop("init_from")
+    json_out = opts.pop("json_out")
+    extra = _parse_set(opts.pop("set_values"))
+    if opts["out"] is None:
+        opts["out"] = f"runs/{_slug(opts['dataset'])}-{opts['objective']}-{opts['method']}"
+    fields = {(_FIELD.get(k) or k): v for k, v in opts.items() if _FIELD.get(k, k) is not None}
+    if opts["resume"]:
+        given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+        explicit = {(_FIELD.get(k) or k): v for k, v in opts.items()
+                    if _FIELD.get(k, k) is not None and ctx.get_parameter_source(k) in given}
+        explicit.update(extra)
+        explicit.pop("resume", None)
+        out = explicit.pop("out", opts["out"])
+        config = resume_config(out, **explicit)
+    else:
+        fields.update(extra)
+        config = TrainConfig(**fields)
+    result = run(config, init_scores=init_from)
+    m = result.metrics
+    if json_out:
+        click.echo(json.dumps({"metrics": m, "task": str(result.task_path) if result.task_path else None,
+                               "out": str(result.out_dir)}, indent=2))
+        return
+    parts = [f"{k} {m[k]:.4f}" for k in ("accuracy", "knn", "probe", "active") if k in m]
+    click.echo(f"{config.method} ({config.objective}) after {m.get('epoch', 0)} epochs: " + ", ".join(parts))
+    if result.task_path:
+        click.echo(f"wrote {result.task_path}")
+    else:
+        click.echo(f"checkpoint {result.checkpoint_path} (continue with --resume)")
+
+
+@main.command("eval")
+@click.argument("task", required=False, type=click.Path(exists=True))
+@click.option("--backbone", default=None, help="Backbone (default: the task's, else efficientnet_lite0).")
+@click.option("--dataset", default=None, help="Dataset (default: the task's, else digits).")
+@click.option("--data-dir", default=None, help="Where the CIFAR archives live.")
+@click.option("--download", is_flag=True, help="Let torchvision download CIFAR.")
+@click.option("--image-size", type=int, default=None, help="Input side (default: the task's).")
+@click.option("--labels", default="1.0", show_default=True,
+              help="Label fractions for k-NN and the probe, comma-separated (e.g. 0.01,0.1,1.0).")
+@click.option("--knn/--no-knn", default=True, show_default=True)
+@click.option("--probe/--no-probe", default=True, show_default=True)
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="Also evaluate the plain backbone.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the label subsets.")
+@click.option("--json", "json_out", is_flag=True, help="Print results as JSON.")
+@handle_errors
+def eval_cmd(task, backbone, dataset, data_dir, download, image_size, labels, knn, probe, baseline,
+             device, batch_size, seed, json_out) -> None:
+    """Evaluate a task (.mask, model.safetensors or run directory) and the plain backbone:
+    head accuracy, k-NN (k=200, T=0.1) and a logistic-regression probe per label fraction.
+
+    \b
+    Example:
+        maskpack eval runs/digits/task.mask --labels 0.01,0.1,1.0
+        maskpack eval --dataset digits --image-size 32        # the plain backbone only
+    """
+    from ..data import parse_fractions
+    from ..evaluate import evaluate
+
+    fracs = parse_fractions(labels)
+    res = evaluate(task, backbone=backbone, dataset=dataset, image_size=image_size, fractions=fracs,
+                   knn=knn, probe=probe, baseline=baseline, data_dir=data_dir, download=download,
+                   device=device, batch_size=batch_size, seed=seed)
+    if json_out:
+        click.echo(json.dumps(res, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    keys = sorted({k for r in res.values() for k in r}, key=lambda k: (k != "accuracy", k))
+    table = Table("model", *keys)
+    for name, r in res.items():
+        table.add_row(name, *[f"{r[k]:.4f}" if k in r else "-" for k in keys])
+    Console().print(table)
