@@ -68,8 +68,9 @@ def test_fp32_methods_roundtrip_exactly(n):
     base = rng.standard_normal(n).astype("<f4")
     ft = (base + 1e-3 * rng.standard_normal(n)).astype("<f4")
     ft[: n // 3] = base[: n // 3]  # some weights unchanged
-    rows = bench.fp32_rows(ft.tobytes(), base.tobytes())  # raises when a method does not round-trip
-    assert [r.method for r in rows] == list(bench.fp32_methods())
+    every = list(bench.fp32_methods())
+    rows = bench.fp32_rows(ft.tobytes(), base.tobytes(), methods=every)  # raises unless exact
+    assert [r.method for r in rows] == every
     for name, (enc, dec) in bench.fp32_methods().items():
         assert dec(enc(ft.tobytes(), base.tobytes()), base.tobytes(), 4 * n) == ft.tobytes(), name
 
@@ -78,13 +79,32 @@ def test_fp32_rows_sizes_and_order():
     rng = np.random.default_rng(1)
     base = rng.standard_normal(50_000).astype("<f4")
     ft = (base * (1 + 1e-4 * rng.standard_normal(base.size))).astype("<f4")
-    rows = {r.method: r for r in bench.fp32_rows(ft.tobytes(), base.tobytes())}
+    every = list(bench.fp32_methods())
+    rows = {r.method: r for r in bench.fp32_rows(ft.tobytes(), base.tobytes(), methods=every)}
     assert rows["raw"].compressed_bytes == rows["raw"].raw_bytes == 200_000
     assert rows["raw"].encode_mbps is None and rows["raw"].reduction == 0.0
     # Byte grouping beats plain zstd on fp32; the XOR delta beats both when the change is small.
     assert rows["bytegroup+zstd-19"].compressed_bytes < rows["zstd-19"].compressed_bytes
     assert rows["xor+bytegroup+zstd-19"].compressed_bytes < rows["bytegroup+zstd-19"].compressed_bytes
     assert rows["zstd-19"].encode_mbps > 0 and rows["zstd-19"].decode_mbps > 0
+
+
+def test_unknown_method_and_length_mismatch():
+    with pytest.raises(ConfigError, match="unknown fp32 method 'nope'"):
+        bench.fp32_rows(bytes(8), bytes(8), methods=["nope"])
+    with pytest.raises(ConfigError, match="differ in length"):
+        bench.fp32_rows(bytes(8), bytes(4))
+
+
+def test_parallel_runs_give_the_same_sizes():
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal(20_000).astype("<f4")
+    ft = (base + 1e-3).astype("<f4")
+    one = bench.fp32_rows(ft.tobytes(), base.tobytes(), workers=1)
+    labels = []
+    two = bench.fp32_rows(ft.tobytes(), base.tobytes(), workers=2, progress=labels.append)
+    assert [(r.method, r.compressed_bytes) for r in one] == [(r.method, r.compressed_bytes) for r in two]
+    assert sorted(labels) == sorted(f"fp32 {m}" for m in bench.FP32_DEFAULT)
 
 
 def test_grouped_payload_validation():
@@ -155,7 +175,7 @@ def test_result_json_shape():
                       "accuracy", "info"}
     assert set(d["ratios"]) == {"paper", "honest", "raw", "whole", "whole_paper"}
     assert [r["method"] for r in d["mask"]] == ["raw"] + [n for n, _, _ in bench.GENERAL] + ["ans"]
-    assert [r["method"] for r in d["fp32"]] == list(bench.fp32_methods())
+    assert [r["method"] for r in d["fp32"]] == list(bench.FP32_DEFAULT)
     assert set(d["mask"][0]) == {"side", "method", "raw_bytes", "compressed_bytes", "reduction_pct",
                                  "encode_s", "decode_s", "encode_mbps", "decode_mbps"}
     assert d["info"]["dataset"] == "synthetic" and d["info"]["mask_best"] in {r["method"] for r in d["mask"]}

@@ -77,10 +77,12 @@ def render(result, console) -> None:
               help="Also write the results as JSON to this file.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write a bar chart (PNG) of the compressed sizes; needs matplotlib (extra 'plot').")
+@click.option("--jobs", "-j", type=int, default=None,
+              help="Codec runs at once (default: one per CPU); 1 measures uncontended speeds.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress; print only the table and headline.")
 @handle_errors
 def bench_cmd(mask_path, finetuned, dataset, backbone, data_dir, download, epochs, image_size, batch_size,
-              device, seed, max_steps, out, json_path, plot_path, quiet) -> None:
+              device, seed, max_steps, out, json_path, plot_path, jobs, quiet) -> None:
     """Compare storing a task as a mask with storing it as a full fine-tune.
 
     Trains a mask and a full fine-tune with the same budget (or takes existing ones), then
@@ -121,7 +123,7 @@ def bench_cmd(mask_path, finetuned, dataset, backbone, data_dir, download, epoch
         pair = bench.train_pair(cfg)
         mask_path, finetuned = pair["mask_path"], pair["fft_path"]
         info = {"dataset": dataset, "epochs": epochs, "image_size": image_size, "train_s": pair["train_s"]}
-    result = _compare(bench, mask_path, finetuned, info, quiet, console)
+    result = _compare(bench, mask_path, finetuned, info, quiet, console, jobs)
     result.info["total_s"] = time.perf_counter() - t0
     render(result, console)
     if json_path:
@@ -134,23 +136,20 @@ def bench_cmd(mask_path, finetuned, dataset, backbone, data_dir, download, epoch
             console.print(f"wrote {plot_path}")
 
 
-def _compare(bench, mask_path, finetuned, info, quiet, console):
+def _compare(bench, mask_path, finetuned, info, quiet, console, jobs):
     if quiet:
-        return bench.compare_files(mask_path, finetuned, info=info)
+        return bench.compare_files(mask_path, finetuned, info=info, workers=jobs)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    steps = 1 + len(bench.GENERAL) + 2 * len(bench.fp32_methods()) + 2
-    with Progress(TextColumn("compressing {task.description}"), BarColumn(), MofNCompleteColumn(),
+    steps = 2 + len(bench.GENERAL) + 2 * len(bench.FP32_DEFAULT) + 2
+    with Progress(TextColumn("compressing ({task.description} done)"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True) as prog:
         task = prog.add_task("", total=steps)
 
-        started = []
+        def step(label: str) -> None:  # called as each method finishes
+            prog.update(task, description=label, advance=1)
 
-        def step(label: str) -> None:  # called before each method: the previous one is done
-            prog.update(task, description=label, advance=1 if started else 0)
-            started.append(label)
-
-        result = bench.compare_files(mask_path, finetuned, info=info, progress=step)
+        result = bench.compare_files(mask_path, finetuned, info=info, progress=step, workers=jobs)
         prog.update(task, completed=steps)
     return result
 
