@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -111,6 +112,8 @@ def bench_cmd(mask_path, finetuned, dataset, backbone, data_dir, download, epoch
             raise ConfigError("--plot needs matplotlib: pip install 'maskpack[plot]' (or pip install "
                               "matplotlib)") from None
     console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=120)  # piped to a file: do not wrap the table at 80 columns
     t0 = time.perf_counter()
     info: dict = {}
     if mask_path is None:
