@@ -138,6 +138,7 @@ class TrainConfig:
     bn_reestimate_batches: int = 100
     train_bn_affine: bool = False  # masks only: also train BN weight/bias (saved as extras)
     bn_lr: float | None = None  # lr of those BN weight/bias (None: head_lr; never the score lr)
+    score_grad_norm: bool = False  # masks: divide each score tensor's gradient by its mean |g|
     # SwAV
     swav_dim: int = 128
     swav_hidden: int = 0
@@ -661,6 +662,10 @@ class _Run:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.objective.after_backward(self.step)
+            if c.score_grad_norm:  # per-tensor normalised score updates (recipe study, issue 5)
+                for p in self.score_params:
+                    if p.grad is not None:
+                        p.grad.div_(p.grad.abs().mean().clamp_min(1e-12))
             if self.step < self.head_only_steps:
                 for p in self.score_params:
                     p.grad = None
