@@ -399,14 +399,14 @@ class _Run:
         elif self.out is not None and (self.out / "checkpoint.pt").exists():
             raise ConfigError(f"{self.out} already holds a run (checkpoint.pt): add --resume to continue "
                               "it, or choose another --out")
-        self.device = resolve_device(config.device)
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        c = resolve_config(config)  # bad options fail before anything is loaded
+        self.device = resolve_device(c.device)
+        if c.threads:
+            torch.set_num_threads(c.threads)
         self.cuda = self.device.type == "cuda"
-        self.backbone = load_backbone(config.backbone)
-        self.data = load_dataset(config.dataset, image_size=config.image_size, data_dir=config.data_dir,
-                                 download=config.download)
-        c = resolve_config(config)
+        self.backbone = load_backbone(c.backbone)
+        self.data = load_dataset(c.dataset, image_size=c.image_size, data_dir=c.data_dir,
+                                 download=c.download)
         if c.image_size is None:
             c.image_size = min(self.data.native_size, self.backbone.input_size)
         self.config = c

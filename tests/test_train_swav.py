@@ -51,7 +51,8 @@ def test_swav_loss_queue_and_frozen_prototypes():
     torch.manual_seed(0)
     obj = SwAVObjective(32, dim=8, prototypes=10, queue_length=8, freeze_prototypes_iters=2, n_global=2)
     crops = [torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.randn(4, 3, 4, 4)]
-    backbone2 = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(12, 32))
+    backbone2 = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
+                                    torch.nn.Linear(12, 32))
     loss, _ = obj.loss(backbone2, (crops, None), step=0)
     assert loss.item() > 0 and torch.isfinite(loss)
     loss.backward()
