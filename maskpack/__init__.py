@@ -2,8 +2,10 @@
 
 from .backbones import Backbone, load_backbone
 from .backbones.hashing import backbone_hash
+from .cascade import load_cascade
 from .io import MaskFile, load, read, save
 
 __version__ = "0.1.0"
 
-__all__ = ["Backbone", "MaskFile", "__version__", "backbone_hash", "load", "load_backbone", "read", "save"]
+__all__ = ["Backbone", "MaskFile", "__version__", "backbone_hash", "load", "load_backbone", "load_cascade",
+           "read", "save"]
