@@ -171,9 +171,16 @@ def eval_cmd(task, backbone, dataset, data_dir, download, image_size, labels, kn
     from ..evaluate import evaluate
 
     fracs = parse_fractions(labels)
-    res = evaluate(task, backbone=backbone, dataset=dataset, image_size=image_size, fractions=fracs,
-                   knn=knn, probe=probe, baseline=baseline, data_dir=data_dir, download=download,
-                   device=device, batch_size=batch_size, seed=seed)
+    from ..cascade import evaluate_cascade, is_cascade  # cascade files (issue 7, maskpack/cascade.py)
+
+    if task is not None and is_cascade(task):
+        res = evaluate_cascade(task, backbone=backbone, dataset=dataset, image_size=image_size,
+                               fractions=fracs, knn=knn, probe=probe, baseline=baseline, data_dir=data_dir,
+                               download=download, batch_size=batch_size, seed=seed)
+    else:
+        res = evaluate(task, backbone=backbone, dataset=dataset, image_size=image_size, fractions=fracs,
+                       knn=knn, probe=probe, baseline=baseline, data_dir=data_dir, download=download,
+                       device=device, batch_size=batch_size, seed=seed)
     if json_out:
         click.echo(json.dumps(res, indent=2))
         return
