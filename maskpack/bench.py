@@ -632,6 +632,24 @@ class PairConfig:
     quiet: bool = True
 
 
+_REUSE_KEYS = ("backbone", "dataset", "epochs", "image_size", "batch_size", "seed", "method")
+
+
+def _check_reuse(run_dir: Path, config: PairConfig, method: str) -> None:
+    """A finished run is reused only when it was trained with the settings asked for now."""
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # no record (a hand-made run directory): trust the caller
+    want = {"backbone": config.backbone, "dataset": config.dataset, "epochs": config.epochs,
+            "image_size": config.image_size, "batch_size": config.batch_size, "seed": config.seed,
+            "method": method}
+    for key in _REUSE_KEYS:
+        if key in saved and saved[key] != want[key] and not (key == "image_size" and want[key] is None):
+            raise ConfigError(f"{run_dir} was trained with {key}={saved[key]!r}, not {want[key]!r}: choose "
+                              "another --out, or remove that directory to retrain")
+
+
 def train_pair(config: PairConfig, *, callbacks=()) -> dict[str, Any]:
     """Train the mask and the fine-tune into ``out/mask`` and ``out/fft``.
 
@@ -647,6 +665,7 @@ def train_pair(config: PairConfig, *, callbacks=()) -> dict[str, Any]:
         run_dir = Path(config.out) / method
         task = run_dir / fname
         if task.exists():
+            _check_reuse(run_dir, config, method)
             out[f"{method}_path"] = str(task)
             out["accuracy"][method] = read_metrics(task).get("accuracy")
             out["train_s"][method] = 0.0

@@ -125,7 +125,7 @@ def test_bench_existing_files_table_and_json(tmp_path, tiny_registry):
     res = _invoke(["bench", "--mask", str(mask), "--finetuned", str(ft), "--json", str(out), "-j", "2"])
     assert res.exit_code == 0, res.output
     for text in ("mask bits", "fp32 weights", "ans", "lzma-9", "xor+bytegroup+zstd-19", "reduction",
-                 "smaller than the fine-tuned weights, best codec on each side", "paper-style (lzma -9",
+                 "smaller than the fine-tuned weights, best codec on each side", "paper-style, lzma -9",
                  "whole checkpoint", "test accuracy: mask 0.5000, fine-tune 0.7500"):
         assert text in res.output, text
     d = json.loads(out.read_text())
@@ -222,11 +222,17 @@ def test_bench_trains_on_tiny_cifar100(tmp_path, tiny_registry, tiny_cifar100):
     assert "training a mask and a fine-tune on cifar100" in res.output
     # A second run reuses the finished training runs.
     again = _invoke(["bench", "--dataset", "cifar100", "--data-dir", str(tiny_cifar100), "--backbone", TINY,
-                     "--epochs", "1", "--image-size", "8", "--out", str(out), "-q", "--json", str(js)])
+                     "--epochs", "1", "--image-size", "8", "--batch-size", "4", "--out", str(out), "-q",
+                     "--json", str(js)])
     assert again.exit_code == 0, again.output
     d2 = json.loads(js.read_text())
     assert d2["info"]["train_s"] == {"mask": 0.0, "fft": 0.0}
     assert [r["compressed_bytes"] for r in d2["mask"]] == [r["compressed_bytes"] for r in d["mask"]]
+    # ... but not when they were trained with other settings.
+    other = CliRunner().invoke(main, ["bench", "--dataset", "cifar100", "--data-dir", str(tiny_cifar100),
+                                      "--backbone", TINY, "--epochs", "2", "--image-size", "8",
+                                      "--batch-size", "4", "--out", str(out)])
+    assert other.exit_code == 1 and "was trained with epochs=1, not 2: choose another --out" in other.output
 
 
 def test_bench_missing_cifar_is_one_clear_error(tmp_path, tiny_registry):

@@ -45,13 +45,12 @@ def render(result, console) -> None:
     ra, w = result.ratios, result.whole
     mb, fb = result.best("mask"), result.best("fp32")
     console.print(f"[bold]masks are {ra['honest']:.1f}x smaller than the fine-tuned weights, best codec on "
-                  f"each side[/bold] ({mb.method} {_size(mb.compressed_bytes)} vs {fb.method} "
-                  f"{_size(fb.compressed_bytes)}; backbone-only, the paper's definition)")
-    console.print(f"paper-style (lzma -9 on both sides): {ra['paper']:.1f}x   uncompressed: {ra['raw']:.1f}x")
-    console.print(f"whole checkpoint (head and BN statistics on both sides): {ra['whole']:.1f}x "
-                  f"(.mask file {_size(w['mask_file_bytes'])} vs fine-tune {w['fft_best_method']} "
-                  f"{_size(w['fft_best_bytes'])}, raw {_size(w['fft_raw_bytes'])}); lzma on both: "
-                  f"{ra['whole_paper']:.1f}x")
+                  f"each side[/bold]: {mb.method} {_size(mb.compressed_bytes)} vs {fb.method} "
+                  f"{_size(fb.compressed_bytes)} (same tensors on both sides, the paper's definition)")
+    console.print(f"paper-style, lzma -9 on both sides: {ra['paper']:.1f}x; uncompressed: {ra['raw']:.1f}x")
+    console.print(f"whole checkpoint, head and BN statistics included: {ra['whole']:.1f}x (.mask file "
+                  f"{_size(w['mask_file_bytes'])} vs {w['fft_best_method']} {_size(w['fft_best_bytes'])}, "
+                  f"raw {_size(w['fft_raw_bytes'])}); lzma on both: {ra['whole_paper']:.1f}x")
     acc = result.accuracy
     console.print(f"test accuracy: mask {_acc(acc.get('mask'))}, fine-tune {_acc(acc.get('fft'))}")
 
