@@ -162,3 +162,36 @@ class SwAVObjective(nn.Module):
         """Freeze the prototypes for the first iterations (drop their gradient)."""
         if step < self.freeze_iters:
             self.prototypes.weight.grad = None
+
+
+# ----------------------------------------------------------------------------- DDP queue layout
+
+
+def queue_to_global(queues: torch.Tensor, batch: int) -> torch.Tensor:
+    """Interleave per-rank SwAV queues into the queue one process with the global batch keeps.
+
+    Under DDP each of the W ranks keeps ``L / W`` rows of its own embeddings, in whole per-rank
+    batches of ``batch`` rows (newest last). Rank ``r``'s row ``j`` of a step is row ``j * W + r``
+    of that step's global batch (the strided :class:`~maskpack.data.EpochSampler` shards), so
+    the union, put back in that order, is exactly the single-process queue of length ``L``.
+    Checkpoints store this layout, which makes them independent of the number of processes.
+
+    Args:
+        queues: (W, n_global, L / W, dim), stacked by rank.
+        batch: rows per rank per step.
+
+    Returns:
+        (n_global, L, dim).
+    """
+    w, g, lr, dim = queues.shape
+    steps = lr // batch
+    q = queues.reshape(w, g, steps, batch, dim).permute(1, 2, 3, 0, 4)  # (g, steps, b, W, dim)
+    return q.reshape(g, steps * batch * w, dim)
+
+
+def queue_from_global(queue: torch.Tensor, batch: int, rank: int, world_size: int) -> torch.Tensor:
+    """Rank ``rank``'s share of a single-process queue (the inverse of :func:`queue_to_global`)."""
+    g, length, dim = queue.shape
+    steps = length // (batch * world_size)
+    q = queue.reshape(g, steps, batch, world_size, dim)[:, :, :, rank]  # (g, steps, b, dim)
+    return q.reshape(g, steps * batch, dim).contiguous()
