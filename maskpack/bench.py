@@ -151,6 +151,14 @@ class BenchResult:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BenchResult:
+        """Rebuild a result from :meth:`to_dict` output (e.g. a ``--json`` file, to re-plot it)."""
+        keys = ("side", "method", "raw_bytes", "compressed_bytes", "encode_s", "decode_s")
+        rows = {side: [Row(**{k: r[k] for k in keys}) for r in d[side]] for side in ("mask", "fp32")}
+        return cls(d["backbone"], d["tensors"], d["numel"], d["active"], d["changed"], rows["mask"],
+                   rows["fp32"], d["whole"], d["ratios"], d.get("accuracy", {}), d.get("info", {}))
+
 
 # ----------------------------------------------------------------------------- fp32 methods
 
@@ -716,8 +724,9 @@ def plot(result: BenchResult, path: str | os.PathLike) -> None:
     for yi, r, s in zip(y, rows, sizes, strict=True):
         ax.text(s, yi, f" {s:.3g} MB ({r.reduction:.1f}%)", va="center", fontsize=7)
     ax.set_xlim(min(sizes) / 2, max(sizes) * 8)
-    ax.set_title(f"{result.backbone}: {result.numel:,} masked weights; masks {result.ratios['honest']:.0f}x "
-                 f"smaller (best codec each side), {result.ratios['paper']:.0f}x (lzma both)", fontsize=9)
+    ax.set_title(f"{result.backbone}, {result.numel:,} masked weights: masks are "
+                 f"{result.ratios['honest']:.0f}x smaller\n(best codec on each side; "
+                 f"{result.ratios['paper']:.0f}x with lzma -9 on both)", fontsize=9)
     fig.tight_layout()
     fig.savefig(os.fspath(path))
     plt.close(fig)

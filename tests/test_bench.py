@@ -179,6 +179,8 @@ def test_result_json_shape():
     assert set(d["mask"][0]) == {"side", "method", "raw_bytes", "compressed_bytes", "reduction_pct",
                                  "encode_s", "decode_s", "encode_mbps", "decode_mbps"}
     assert d["info"]["dataset"] == "synthetic" and d["info"]["mask_best"] in {r["method"] for r in d["mask"]}
+    again = bench.BenchResult.from_dict(d)
+    assert again.to_dict() == d
 
 
 def test_compare_rejects_mismatched_pair():
