@@ -452,7 +452,10 @@ def train_cascade(config: CascadeConfig) -> CascadeResult:
     if bad or not c.modes:
         raise ConfigError(f"unknown combination mode(s) {bad}: use {', '.join(MODES)}")
     dtype = _dtype(c.combine_dtype)
-    log = _echo(c.quiet)
+    from . import distributed
+
+    main = distributed.is_main()  # under torchrun the runs use DDP; only rank 0 logs and writes
+    log = _echo(c.quiet or not main)
     out = Path(c.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -480,7 +483,7 @@ def train_cascade(config: CascadeConfig) -> CascadeResult:
     (d_tr,), y_tr = _features([d_model], data.train, train_idx, size, bb)
     router = fit_router(d_tr, n_experts=c.experts, dim=c.router_dim, seed=c.seed)
     probe_model = CascadeModel(d_model, [], router, {})
-    routes_tr = probe_model.route_features(d_tr)
+    routes_tr = distributed.broadcast_(probe_model.route_features(d_tr))  # every rank trains the same experts
     sizes = _check_clusters(routes_tr, c.experts)
     log(f"router: PCA {router['pca_components'].shape[0]} dims + {c.experts}-way GMM, cluster sizes {sizes}")
     # 3. experts
@@ -525,14 +528,16 @@ def train_cascade(config: CascadeConfig) -> CascadeResult:
             "mask.scale": "true" if dcfg.scale else "false", "objective": dcfg.objective,
             "cluster_sizes": json.dumps(sizes), "metrics": json.dumps(metrics)}
     path = out / "cascade.mask"
-    storage = save_cascade(path, bb, disp.masks, disp.extras, [e.masks for e in experts],
+    storage = {} if not main else save_cascade(path, bb, disp.masks, disp.extras, [e.masks for e in experts],
                            [e.extras for e in experts], router, combine, metadata=meta)
     info = {"command_config": _config_json(c), "dispatcher_config": dcfg.to_dict(), "cluster_sizes": sizes,
             "test_cluster_sizes": torch.bincount(routes_te, minlength=c.experts).tolist(),
             "dispatcher_steps": disp.steps, "expert_steps": expert_steps, "metrics": metrics,
             "storage": storage, "seconds": {"dispatcher": t_disp, "training": t_train,
                                             "total": time.perf_counter() - t0}, "file": str(path)}
-    (out / "cascade.json").write_text(json.dumps(info, indent=2) + "\n")
+    if main:
+        (out / "cascade.json").write_text(json.dumps(info, indent=2) + "\n")
+    distributed.barrier()
     return CascadeResult(model, path, sizes, metrics, storage, info)
 
 

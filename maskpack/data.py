@@ -330,7 +330,9 @@ class EpochSampler(Sampler):
     """Yields ``(position, sample_seed)`` keys: a permutation drawn from ``(seed, epoch)``.
 
     Call :meth:`set_epoch` before each epoch. ``rank``/``world_size`` split each permutation
-    into disjoint strided shards, as ``DistributedSampler`` does, for a later DDP launcher.
+    into disjoint strided shards, as ``DistributedSampler`` does: under DDP (torchrun) rank ``r``
+    takes positions ``r, r + W, ...``, so the ranks' batches of a step together are the global
+    batch one process would take, and the seeds stay ``(seed, epoch, index)``.
     """
 
     def __init__(self, n: int, *, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):

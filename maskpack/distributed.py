@@ -161,6 +161,17 @@ def broadcast_floats(values: dict[str, float] | None, keys: list[str], src: int 
     return dict(zip(keys, vals.tolist(), strict=True))
 
 
+def all_gather_stack(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` (same shape on all ranks) stacked by rank: ``(W, ...)`` on the CPU."""
+    d = info()
+    if not d.enabled:
+        return t.detach().cpu()[None]
+    buf = t.detach().to(_comm_device(t)).contiguous()
+    bufs = [torch.empty_like(buf) for _ in range(d.world_size)]
+    dist.all_gather(bufs, buf)
+    return torch.stack(bufs).cpu()
+
+
 def gather_strided(t: torch.Tensor, total: int, *, chunk: int = 4096) -> torch.Tensor:
     """Reassemble rows that ranks computed over strided shards into the original order.
 
@@ -184,7 +195,8 @@ def gather_strided(t: torch.Tensor, total: int, *, chunk: int = 4096) -> torch.T
         trailing = (all_reduce_max(t.shape[1]),)
     dev = _comm_device(t)
     pad = torch.zeros((per, *trailing), dtype=t.dtype, device=dev)
-    pad[:t.shape[0]] = t.to(dev)
+    if t.shape[0]:
+        pad[:t.shape[0]] = t.to(dev)
     parts = []
     for i in range(0, per, chunk):
         piece = pad[i:i + chunk].contiguous()

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import masking
+from . import distributed, masking
 from .data import (
     Augmented,
     EpochSampler,
@@ -61,7 +61,7 @@ from .evaluate import (
     resolve_device,
 )
 from .model import TaskModel
-from .objectives import SupervisedObjective, SwAVObjective
+from .objectives import SupervisedObjective, SwAVObjective, queue_from_global, queue_to_global
 
 CHECKPOINT_VERSION = 1
 METHODS = ("mask", "topk", "fft")
@@ -86,18 +86,6 @@ RECIPES: dict[str, dict[str, Any]] = {
         "warmup": "40/150",
         "bn_reestimate": False,
     },
-    # Recipe study (docs/recipe-study.md): per-tensor normalised score updates. Lite0's score
-    # gradients span ~600x across layers, so one raw lr (50) wrecks the first layers while the
-    # last ones never move; dividing each tensor's gradient by its mean |g| equalises them.
-    # Measured only at a 40-step screening budget (0.206 vs 0.142 for lr 50, fft 0.313).
-    "normalized": {
-        "lr": {"mask": 0.01, "topk": 0.1, "fft": 0.01},
-        "head_lr": {"mask": 0.01, "topk": 0.01, "fft": None},
-        "weight_decay": {"mask": 0.0, "topk": 0.0, "fft": 5e-4},
-        "warmup": 1.0,
-        "bn_reestimate": True,
-        "score_grad_norm": True,
-    },
 }
 
 # Fields that must match when resuming (the rest are runtime settings or may be extended).
@@ -106,7 +94,7 @@ _RESUME_FIXED = ("backbone", "dataset", "objective", "method", "batch_size", "im
                  "detach_alpha", "train_indices", "swav_prototypes", "swav_dim", "swav_hidden",
                  "swav_crops", "swav_queue_length")
 _RUNTIME = ("device", "num_workers", "threads", "quiet", "resume", "stop_after", "out", "amp",
-            "channels_last")
+            "channels_last", "sync_bn")
 
 
 @dataclass
@@ -150,7 +138,8 @@ class TrainConfig:
     bn_reestimate_batches: int = 100
     train_bn_affine: bool = False  # masks only: also train BN weight/bias (saved as extras)
     bn_lr: float | None = None  # lr of those BN weight/bias (None: head_lr; never the score lr)
-    score_grad_norm: bool | None = None  # masks: divide each score tensor's gradient by its mean |g|
+    score_grad_norm: bool = False  # masks: divide each score tensor's gradient by its mean |g|
+    sync_bn: bool = False  # under torchrun (CUDA): SyncBatchNorm, batch statistics over the global batch
     # SwAV
     swav_dim: int = 128
     swav_hidden: int = 0
@@ -291,8 +280,6 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"warm-up must be >= 0 epochs, got {c.warmup}")
     if c.bn_reestimate is None:
         c.bn_reestimate = rec["bn_reestimate"]
-    if c.score_grad_norm is None:
-        c.score_grad_norm = bool(rec.get("score_grad_norm", False))
     if c.lr is None or c.lr <= 0:
         raise ConfigError(f"learning rate must be > 0, got {c.lr}")
     return c
@@ -398,6 +385,22 @@ def _write_text(path: Path, text: str) -> None:
 # ----------------------------------------------------------------------------- the run
 
 
+def _check_distributed(c: TrainConfig, d: distributed.DistInfo, device: torch.device) -> int:
+    """The per-device batch; DDP-only option checks (nothing to check on one process)."""
+    if not d.enabled:
+        return c.batch_size
+    per = distributed.check_batch(c.batch_size, d.world_size)
+    if c.sync_bn and device.type != "cuda":
+        raise ConfigError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm trains on GPUs only): leave it "
+                          "out on the CPU, or use --bn-mode frozen for batch-independent results")
+    q = c.swav_queue_length
+    if c.objective == "swav" and q and q % c.batch_size:
+        lo = q - q % c.batch_size
+        raise ConfigError(f"under DDP the SwAV queue ({q}) must be a multiple of the global batch "
+                          f"({c.batch_size}): --set swav_queue_length={lo or c.batch_size}")
+    return per
+
+
 class _Run:
     """State of one training run (built by :func:`run`)."""
 
@@ -422,6 +425,9 @@ class _Run:
                               "it, or choose another --out")
         c = resolve_config(config)  # bad options fail before anything is loaded
         self.device = resolve_device(c.device)
+        # torchrun: join the process group, take cuda:LOCAL_RANK (docs/distributed.md)
+        self.dist, self.device = distributed.init(self.device)
+        self.per_device_batch = _check_distributed(c, self.dist, self.device)
         if c.threads:
             torch.set_num_threads(c.threads)
         self.cuda = self.device.type == "cuda"
@@ -438,7 +444,8 @@ class _Run:
         self.epoch, self.step, self.history = 0, 0, []
         if ckpt is not None:
             self._restore(ckpt)
-        if self.out is not None:
+        self.ddp = self._wrap_ddp() if self.dist.enabled else None
+        if self.out is not None and self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             _write_text(self.out / "config.json", json.dumps(c.to_dict(), indent=2) + "\n")
 
@@ -472,8 +479,12 @@ class _Run:
             self.objective = SwAVObjective(
                 feat, dim=c.swav_dim, hidden=c.swav_hidden, prototypes=c.swav_prototypes,
                 temperature=c.swav_temperature, epsilon=c.swav_epsilon, sinkhorn_iters=c.swav_sinkhorn_iters,
-                n_global=c.swav_crops[0], queue_length=c.swav_queue_length)
+                n_global=c.swav_crops[0], queue_length=c.swav_queue_length // self.dist.world_size,
+                **self._sinkhorn_reduce())
         self.model = TaskModel(net, self.objective.task_head())
+        if self.dist.enabled and c.sync_bn:  # same Parameter and buffer objects, new BN modules
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.objective = nn.SyncBatchNorm.convert_sync_batchnorm(self.objective)
         self.model.to(self.device)
         self.objective.to(self.device)
         if self.cuda and c.channels_last:
@@ -501,11 +512,16 @@ class _Run:
         if workers is None:
             workers = min(8, os.cpu_count() or 1) if self.cuda else 0
         self.workers = workers
-        self.sampler = EpochSampler(len(self.train_set), seed=c.seed)
+        w = self.dist.world_size  # under DDP each rank takes a strided shard of every permutation
+        self.sampler = EpochSampler(len(self.train_set), seed=c.seed, rank=self.dist.rank, world_size=w)
         drop_last = len(self.train_set) >= c.batch_size
-        self.loader = make_loader(self.train_set, batch_size=c.batch_size, sampler=self.sampler,
+        if w > 1 and not drop_last:
+            raise DataError(f"{len(self.train_set)} training images are fewer than the global batch "
+                            f"{c.batch_size}: lower --batch-size or train on one process")
+        self.loader = make_loader(self.train_set, batch_size=self.per_device_batch, sampler=self.sampler,
                                   num_workers=workers, pin_memory=self.cuda, drop_last=drop_last)
-        steps = len(self.loader)
+        # every rank must take the same number of steps: whole global batches only
+        steps = len(self.loader) if w == 1 else len(self.train_set) // c.batch_size
         if len(self.train_set) % c.batch_size == 1 and not drop_last:
             raise DataError("a batch of one image cannot train BatchNorm: change --batch-size")
         self.steps_per_epoch = min(steps, c.max_steps_per_epoch or steps)
@@ -517,11 +533,40 @@ class _Run:
             self.objective.freeze_iters = min(313, self.total_steps // 10) if fz is None else fz
         ev = eval_transform(c.image_size, bb.mean, bb.std)
         ekw = dict(batch_size=max(c.batch_size, 128), num_workers=workers, pin_memory=self.cuda)
-        self.eval_train = make_loader(Augmented(d.train, ev, self.labelled), **ekw)
-        self.eval_test = make_loader(Augmented(d.test, ev), **ekw)
+        self.eval_train = self._eval_loader(Augmented(d.train, ev, self.labelled), ekw)
+        self.eval_test = self._eval_loader(Augmented(d.test, ev), ekw)
         # BN re-estimation sees clean images of the training set (fixed order, first batches).
         self.bn_loader = make_loader(Augmented(d.train, ev, train_idx), batch_size=c.batch_size,
                                      num_workers=workers, pin_memory=self.cuda)
+
+    def _sinkhorn_reduce(self) -> dict[str, Any]:
+        # DDP: Sinkhorn's sums run over the global batch (all-reduce), as in the SwAV reference
+        if not self.dist.enabled:
+            return {}
+        return {"reduce_sum": distributed.all_reduce_sum, "world_size": self.dist.world_size}
+
+    def _eval_loader(self, dataset: Augmented, kw: dict[str, Any]):
+        # DDP: each rank extracts a strided shard; evaluate() gathers them back in order
+        if self.dist.enabled:
+            kw = dict(kw, sampler=EpochSampler(len(dataset), shuffle=False, rank=self.dist.rank,
+                                               world_size=self.dist.world_size))
+        return make_loader(dataset, **kw)
+
+    def _wrap_ddp(self) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        step = _LossStep(self.model.backbone, self.objective)
+        if isinstance(self.objective, SwAVObjective):  # the queue is per rank: never broadcast it
+            DDP._set_params_and_buffers_to_ignore_for_model(
+                step, ["objective.queue", "objective.queue_filled"])
+        # Without SyncBatchNorm, DDP broadcasts rank 0's buffers (BN running statistics) before
+        # every forward: all ranks train with rank 0's running statistics (docs/distributed.md).
+        import inspect
+
+        sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+            else "broadcast_buffers"  # renamed in newer PyTorch, same meaning
+        return DDP(step, device_ids=[self.device.index] if self.cuda else None,
+                   **{sync: not self.config.sync_bn})
 
     def _named_trainables(self) -> list[tuple[str, nn.Parameter]]:
         seen, out = set(), []
@@ -603,16 +648,27 @@ class _Run:
             "mask_mode": "topk" if c.method == "topk" else "threshold",
             "threshold": float(c.threshold), "k": float(c.topk_k), "scale": bool(c.scale),
             "extras": self.extras(), "metadata": self.metadata(),
-            "objective": {k: v.detach().cpu().clone() for k, v in self.objective.state_dict().items()},
+            "objective": self._objective_state(),
             "momentum": momentum, "epoch": self.epoch, "step": self.step,
             "rng_torch": torch.get_rng_state(), "config": json.dumps(c.to_dict()),
             "history": json.dumps(self.history),
         }
 
+    def _objective_state(self) -> dict[str, torch.Tensor]:
+        state = {k: v.detach().cpu().clone() for k, v in self.objective.state_dict().items()}
+        if self.dist.enabled and isinstance(self.objective, SwAVObjective) and self.objective.queue.shape[1]:
+            # collective: the per-rank queues are stored as the one-process queue (any world size resumes)
+            state["queue"] = queue_to_global(distributed.all_gather_stack(self.objective.queue),
+                                             self.per_device_batch)
+            state["queue_filled"] = state["queue_filled"] * self.dist.world_size
+        return state
+
     def save_checkpoint(self) -> Path:
+        """Write ``checkpoint.pt`` (rank 0 only; every rank must call it under DDP)."""
         path = self.out / "checkpoint.pt"
         state = self.checkpoint()
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        if self.dist.is_main:
+            atomic_write(path, lambda tmp: torch.save(state, tmp))
         return path
 
     @torch.no_grad()
@@ -628,7 +684,12 @@ class _Run:
             if name not in state:
                 raise FormatError(f"checkpoint tensor {name!r} does not exist in this model")
             state[name].copy_(t)
-        self.objective.load_state_dict(ckpt["objective"])
+        obj = dict(ckpt["objective"])
+        if self.dist.enabled and isinstance(self.objective, SwAVObjective) and obj["queue"].shape[1]:
+            w = self.dist.world_size
+            obj["queue"] = queue_from_global(obj["queue"], self.per_device_batch, self.dist.rank, w)
+            obj["queue_filled"] = obj["queue_filled"] // w
+        self.objective.load_state_dict(obj)
         by_name = {n: p for n, p in self._named_trainables()}
         for name, buf in ckpt["momentum"].items():
             if name not in by_name:
@@ -679,7 +740,10 @@ class _Run:
                 g["lr"] = g["base_lr"] * factor
             batch = self._to_device(batch)
             with autocast(self.device, c.amp):
-                loss, stats = self.objective.loss(self.model.backbone, batch, self.step)
+                if self.ddp is not None:  # DDP averages the score and head gradients over ranks
+                    loss, stats = self.ddp(batch, self.step)
+                else:
+                    loss, stats = self.objective.loss(self.model.backbone, batch, self.step)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.objective.after_backward(self.step)
@@ -706,6 +770,11 @@ class _Run:
                 progress.update(task, advance=1, description=(
                     f"epoch {self.epoch + 1}/{c.epochs} loss {loss_sum / n_img:.4f} "
                     f"lr {self.groups[0]['lr']:.4g} {ips:.0f} img/s"))
+        if self.dist.enabled:  # epoch metrics over the global batch
+            keys = sorted(stats_sum)
+            tot = distributed.all_reduce_sum(torch.tensor([loss_sum, n_img, *[stats_sum[k] for k in keys]],
+                                                          dtype=torch.float64)).tolist()
+            loss_sum, n_img, stats_sum = tot[0], int(tot[1]), dict(zip(keys, tot[2:], strict=True))
         if self.cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
@@ -735,19 +804,43 @@ class _Run:
         want_knn = c.eval_knn == "epoch" or (final and c.eval_knn == "end")
         want_probe = final and c.probe
         if has_head:
-            _, y, logits = extract_features(self.model, self.eval_test, device=self.device, amp=c.amp,
-                                            with_logits=True)
+            _, y, logits = self._features(self.eval_test, with_logits=True)
             out["accuracy"] = head_accuracy(logits, y)
         if want_knn or want_probe:
-            f_tr, y_tr = extract_features(self.model, self.eval_train, device=self.device, amp=c.amp)
-            f_te, y_te = extract_features(self.model, self.eval_test, device=self.device, amp=c.amp)
-            res = evaluate_features(f_tr, y_tr, f_te, y_te, knn=want_knn, probe=want_probe,
-                                    k=c.knn_k, temperature=c.knn_temperature, seed=c.seed,
-                                    num_classes=self.data.num_classes)
+            f_tr, y_tr = self._features(self.eval_train)
+            f_te, y_te = self._features(self.eval_test)
+            res = {}
+            if self.dist.is_main:  # DDP: rank 0 fits k-NN / probe on the gathered features
+                res = evaluate_features(f_tr, y_tr, f_te, y_te, knn=want_knn, probe=want_probe,
+                                        k=c.knn_k, temperature=c.knn_temperature, seed=c.seed,
+                                        num_classes=self.data.num_classes)
+            if self.dist.enabled:
+                keys = [f"{m}@{1.0:g}" for m, on in (("knn", want_knn), ("probe", want_probe)) if on]
+                res = distributed.broadcast_floats(res, keys)
             out.update({k.split("@")[0]: v for k, v in res.items()})
         if saved is not None:
             load_bn_state_(self.model, saved)
         return out
+
+    def _features(self, loader, with_logits: bool = False):
+        """``extract_features`` of this rank's shard, gathered into dataset order under DDP."""
+        res = extract_features(self.model, loader, device=self.device, amp=self.config.amp,
+                               with_logits=with_logits)
+        if not self.dist.enabled:
+            return res
+        n = len(loader.dataset)
+        return tuple(distributed.gather_strided(t, n) for t in res)
+
+
+class _LossStep(nn.Module):
+    """``objective.loss(backbone, batch, step)`` as one module's forward, for DDP to wrap."""
+
+    def __init__(self, backbone: nn.Module, objective: nn.Module):
+        super().__init__()
+        self.backbone, self.objective = backbone, objective
+
+    def forward(self, batch, step: int):
+        return self.objective.loss(self.backbone, batch, step)
 
 
 def _check_resume(config: TrainConfig, ckpt: dict[str, Any]) -> None:
@@ -822,9 +915,10 @@ def run(config: TrainConfig, callbacks: Sequence[Callback] = (), *,
     """
     r = _Run(config, callbacks, None if config.resume else init_scores)
     c = r.config
-    progress = _progress(c.quiet)
+    main = r.dist.is_main  # under DDP only rank 0 prints and writes
+    progress = _progress(c.quiet or not main)
     metrics_path = r.out / "metrics.jsonl" if r.out else None
-    if metrics_path is not None and not config.resume and metrics_path.exists():
+    if main and metrics_path is not None and not config.resume and metrics_path.exists():
         metrics_path.unlink()
     r._emit("train_start")
     stop = c.epochs if c.stop_after is None else min(c.epochs, r.epoch + c.stop_after)
@@ -839,7 +933,8 @@ def run(config: TrainConfig, callbacks: Sequence[Callback] = (), *,
             r.history.append(row)
             if r.out is not None:
                 r.save_checkpoint()  # after eval: the final checkpoint holds re-estimated BN stats
-                _append_jsonl(metrics_path, row)
+                if main:
+                    _append_jsonl(metrics_path, row)
             if progress:
                 progress.console.print(_fmt(row))
             r._emit("epoch_end", metrics=row)
@@ -869,7 +964,9 @@ def _finish(r: _Run) -> TrainResult:
         metrics["active"] = masking.active_fraction(masks)
     task_path = None
     if r.out is not None and c.save_task and r.epoch >= c.epochs:
-        task_path = _save_task(r, masks, extras)
+        task_path = _save_task(r, masks, extras) if r.dist.is_main else r.out / (
+            "task.mask" if r.masked else "model.safetensors")
+    distributed.barrier()  # DDP: the task file exists before any rank goes on
     r.model.to("cpu")
     r._emit("train_end", metrics=metrics)
     return TrainResult(c, r.model, r.objective.cpu(), masks, scores, extras, metrics, r.history, r.out,

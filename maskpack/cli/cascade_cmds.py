@@ -88,6 +88,10 @@ def cascade_cmd(dispatcher, dataset, image_size, epochs, batch_size, lr, max_ste
                         expert_steps=expert_steps, modes=mode_list, combine_dtype=combine_dtype, probe=probe,
                         out=out or f"runs/cascade-{slug}", seed=seed, quiet=quiet)
     result = train_cascade(cfg)
+    from .. import distributed
+
+    if not distributed.is_main():  # under torchrun only rank 0 reports
+        return
     if json_out:
         click.echo(json.dumps(result.info, indent=2))
         return

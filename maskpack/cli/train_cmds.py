@@ -13,7 +13,7 @@ from . import handle_errors, main
 
 # CLI option name -> TrainConfig field, for options whose names differ.
 _FIELD = {"workers": "num_workers", "knn": "eval_knn", "init_from": None, "set_values": None,
-          "json_out": None, "max_steps": "max_steps_per_epoch", "topk": "topk_k"}
+          "json_out": None, "launcher": None, "max_steps": "max_steps_per_epoch", "topk": "topk_k"}
 
 
 def _parse_set(values: tuple[str, ...]) -> dict:
@@ -72,10 +72,14 @@ def _slug(text: str) -> str:
               help="train: BN statistics update during training; frozen: BN stays in eval mode.")
 @click.option("--bn-reestimate/--no-bn-reestimate", default=None,
               help="Re-estimate BN statistics on clean training images before evaluating and saving.")
+@click.option("--sync-bn", is_flag=True,
+              help="Under torchrun on GPUs: SyncBatchNorm (batch statistics over the global batch).")
 @click.option("--knn", type=click.Choice(["never", "end", "epoch"]), default="end", show_default=True,
               help="When to compute k-NN accuracy (k=200, T=0.1).")
 @click.option("--probe", is_flag=True, help="Also fit a logistic-regression probe at the end.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--launcher", type=click.Choice(["auto", "torchrun"]), default="auto", show_default=True,
+              help="auto: DDP when started by torchrun; torchrun: fail unless started by torchrun.")
 @click.option("--workers", type=int, default=None,
               help="Data-loading processes (default 0 on CPU, 8 on CUDA).")
 @click.option("--threads", type=int, default=None, help="CPU threads for torch.")
@@ -105,9 +109,15 @@ def train_cmd(ctx: click.Context, **opts) -> None:
         maskpack train --dataset digits --method fft --out runs/digits-fft
         maskpack train --dataset imagefolder:data/cifar10-5k --objective swav --out runs/swav
         maskpack train --out runs/digits --resume          # after an interruption
+        torchrun --nproc-per-node 4 -m maskpack train --dataset cifar100 --out runs/c100  # 4 GPUs
     """
+    from .. import distributed
+    from ..errors import ConfigError
     from ..train import TrainConfig, resume_config, run
 
+    if opts.pop("launcher") == "torchrun" and not distributed.launched():
+        raise ConfigError("--launcher torchrun but RANK/WORLD_SIZE/LOCAL_RANK are not set: start it as "
+                          "`torchrun --nproc-per-node N -m maskpack train ...` (docs/distributed.md)")
     init_from = opts.pop("init_from")
     json_out = opts.pop("json_out")
     extra = _parse_set(opts.pop("set_values"))
@@ -126,6 +136,8 @@ def train_cmd(ctx: click.Context, **opts) -> None:
         fields.update(extra)
         config = TrainConfig(**fields)
     result = run(config, init_scores=init_from)
+    if not distributed.is_main():  # under torchrun only rank 0 reports
+        return
     m = result.metrics
     if json_out:
         click.echo(json.dumps({"metrics": m, "task": str(result.task_path) if result.task_path else None,

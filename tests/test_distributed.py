@@ -1,0 +1,160 @@
+"""DDP under torchrun on the CPU (gloo, 2 processes) against one process with the same global batch.
+
+With ``--bn-mode frozen`` every sample's forward pass is independent of the rest of its batch,
+so 2 processes x 16 images compute the same gradients as 1 process x 32 (DDP averages the two
+half-batch means; one process takes the mean of all 32). Only the order of the float sums
+differs, so scores agree to ~1e-6 and masks (scores > 0) agree except where a score sits within
+rounding of 0. BatchNorm in train mode would normalise each rank's half-batch on its own;
+SyncBatchNorm (``--sync-bn``) fixes that, but PyTorch's SyncBatchNorm trains on GPUs only.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from maskpack.train import TrainConfig, load_checkpoint, resume_config, run
+
+SUBSET = list(range(96))
+# Late layers only (as tests/test_train.py); a small S0 (= a larger lr, Theorem 2) makes masks move.
+BASE = dict(dataset="digits", image_size=16, batch_size=32, epochs=2, train_indices=SUBSET, quiet=True,
+            threads=1, eval_every=0, eval_knn="never", bn_mode="frozen", bn_reestimate_batches=2,
+            head_lr=0.1, score_init=0.02, mask_layers="re:_blocks\\.1[0-5]|_conv_head")
+CLI = ["--dataset", "digits", "--image-size", "16", "--batch-size", "32", "--epochs", "2",
+       "--bn-mode", "frozen", "--knn", "never", "--threads", "1", "--quiet", "--head-lr", "0.1",
+       "--mask-layers", "re:_blocks\\.1[0-5]|_conv_head", "--set", f"train_indices={json.dumps(SUBSET)}",
+       "--set", "eval_every=0", "--set", "bn_reestimate_batches=2", "--set", "score_init=0.02"]
+
+
+def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "maskpack", "train", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def _agreement(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[int, int, float]:
+    same = sum(int(((a[k] > 0) == (b[k] > 0)).sum()) for k in a)
+    total = sum(a[k].numel() for k in a)
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    return same, total, diff
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, global batch 32: the checkpoints after epoch 1 and epoch 2 (resumed in
+    process, which is bit-identical to an uninterrupted run: tests/test_train.py)."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    run(TrainConfig(**BASE, out=str(out), stop_after=1))
+    first = load_checkpoint(out / "checkpoint.pt")
+    run(TrainConfig(**BASE, out=str(out), resume=True))
+    return first, load_checkpoint(out / "checkpoint.pt")
+
+
+def _check_same(ref: dict, ck: dict, min_off: int) -> str:
+    same, total, diff = _agreement(ref["scores"], ck["scores"])
+    off = sum(int((v <= 0).sum()) for v in ref["scores"].values())
+    assert off > min_off, "masks barely moved: the comparison would be empty"
+    assert same / total >= 0.999, (same, total, diff)
+    assert diff < 1e-3
+    for k, v in ref["extras"].items():  # head (BN buffers are untouched: BN frozen)
+        torch.testing.assert_close(ck["extras"][k], v, rtol=1e-4, atol=1e-5)
+    return (f"masks agree on {same}/{total} ({same / total:.6%}), max |score diff| {diff:.3g}, "
+            f"{off} weights switched off")
+
+
+def test_two_processes_match_one_and_resume_on_one(tmp_path, reference):
+    first_ref, final_ref = reference
+    out = tmp_path / "ddp"
+    p = _torchrun([*CLI, "--stop-after", "1", "--out", str(out)])
+    assert p.stdout.count("continue with --resume") == 1  # only rank 0 reports
+    ck = load_checkpoint(out / "checkpoint.pt")
+    assert ck["epoch"] == 1 and ck["step"] == 3
+    print("\nepoch 1, 2 processes vs 1:", _check_same(first_ref, ck, 100))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1]  # one writer
+    ref_row = json.loads(first_ref["history"])[0]
+    assert rows[0]["loss"] == pytest.approx(ref_row["loss"], rel=1e-4)  # loss over the global batch
+    assert rows[0]["train_acc"] == pytest.approx(ref_row["train_acc"], abs=1e-6)
+    # the DDP checkpoint continues on one process: same data order, same global batch
+    r = run(resume_config(out))
+    msg = _check_same(final_ref, {"scores": r.scores, "extras": r.extras}, 1000)
+    print("epoch 2, 2 processes then 1 vs 1:", msg)
+
+
+@pytest.mark.slow
+def test_two_processes_uninterrupted_and_resumed_by_two(tmp_path, reference):
+    _, final_ref = reference
+    _torchrun([*CLI, "--out", str(tmp_path / "a")])
+    ck = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    print("\n2 processes, 2 epochs vs 1:", _check_same(final_ref, ck, 1000))
+    _torchrun([*CLI, "--stop-after", "1", "--out", str(tmp_path / "b")])
+    _torchrun(["--resume", "--out", str(tmp_path / "b")])  # every rank reads the checkpoint
+    print("2 processes, stopped and resumed by 2 vs 1:",
+          _check_same(final_ref, load_checkpoint(tmp_path / "b" / "checkpoint.pt"), 1000))
+    assert (tmp_path / "b" / "task.mask").exists()
+
+
+def test_launcher_torchrun_needs_torchrun():
+    from click.testing import CliRunner
+
+    from maskpack.cli import main
+
+    res = CliRunner().invoke(main, ["train", "--launcher", "torchrun", "--epochs", "1"])
+    assert res.exit_code == 1
+    assert "Error: --launcher torchrun but RANK/WORLD_SIZE/LOCAL_RANK are not set" in res.output
+
+
+# ----------------------------------------------------------------------------- collectives
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _collectives_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from maskpack import distributed
+    from maskpack.objectives import sinkhorn
+
+    d, dev = distributed.init(torch.device("cpu"))
+    assert d.world_size == world and d.backend == "gloo" and dev.type == "cpu"
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(12, 7, generator=g)  # 12 samples over 2 ranks, 7 prototypes
+    mine = scores[rank::world]
+    q = sinkhorn(mine, reduce_sum=distributed.all_reduce_sum, world_size=world)
+    q_all = distributed.gather_strided(q, 12)
+    feats = distributed.gather_strided(torch.arange(rank, 11, world, dtype=torch.float32)[:, None] * 2, 11)
+    empty = distributed.gather_strided(torch.zeros(0, 0) if rank == 1 else torch.ones(1, 3), 1)
+    got = distributed.broadcast_floats({"knn@1": 0.5} if rank == 0 else None, ["knn@1"])
+    if rank == 0:
+        from safetensors.torch import save_file
+
+        save_file({"q": q_all, "scores": scores, "feats": feats, "empty": empty,
+                   "got": torch.tensor([got["knn@1"]])}, out)
+    distributed.cleanup()
+
+
+def test_sinkhorn_over_ranks_equals_one_batch_and_gather_keeps_order(tmp_path):
+    from safetensors.torch import load_file
+
+    from maskpack.objectives import sinkhorn
+
+    out = str(tmp_path / "res.safetensors")
+    mp.spawn(_collectives_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    res = load_file(out)
+    torch.testing.assert_close(res["q"], sinkhorn(res["scores"]), rtol=1e-5, atol=1e-7)
+    assert res["feats"][:, 0].tolist() == [2.0 * i for i in range(11)]
+    assert res["empty"].shape == (1, 3)
+    assert float(res["got"]) == 0.5
