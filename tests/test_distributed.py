@@ -158,3 +158,23 @@ def test_sinkhorn_over_ranks_equals_one_batch_and_gather_keeps_order(tmp_path):
     assert res["feats"][:, 0].tolist() == [2.0 * i for i in range(11)]
     assert res["empty"].shape == (1, 3)
     assert float(res["got"]) == 0.5
+
+
+@pytest.mark.slow
+def test_swav_two_processes_match_one(tmp_path):
+    """Global Sinkhorn and the per-rank queue: 2 x 16 against 1 x 32, queue used from step 2."""
+    swav = dict(objective="swav", swav_crops=[2, 2], swav_queue_length=32, swav_queue_start=0.0,
+                swav_prototypes=20, head_lr=0.01)
+    base = {**BASE, **swav}
+    base.pop("train_indices")
+    run(TrainConfig.from_dict({**base, "train_indices": SUBSET, "out": str(tmp_path / "one")}))
+    ref = load_checkpoint(tmp_path / "one" / "checkpoint.pt")
+    sets = [a for k, v in swav.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    _torchrun([*CLI, "--objective", "swav", *sets, "--out", str(tmp_path / "two")])
+    ck = load_checkpoint(tmp_path / "two" / "checkpoint.pt")
+    print("\nSwAV, 2 processes vs 1:", _check_same(ref, ck, 100))
+    # the checkpoint holds the one-process queue layout
+    torch.testing.assert_close(ck["objective"]["queue"], ref["objective"]["queue"], rtol=1e-4, atol=1e-5)
+    assert int(ck["objective"]["queue_filled"]) == int(ref["objective"]["queue_filled"])
+    for k, v in ref["objective"].items():
+        torch.testing.assert_close(ck["objective"][k], v, rtol=1e-4, atol=1e-5)
