@@ -240,12 +240,13 @@ class MaskFile:
         for t in self.tensors:
             absw = None
             if weights is not None:
-                w = weights.get(t.name)
+                # A cascade stores expert deltas as "expert<k>/<name>": same backbone tensor.
+                w = weights.get(t.name.rsplit("/", 1)[-1])
                 if w is None or tuple(w.shape) != t.shape:
                     raise FormatError(f"{self.path}: mask {t.name!r} {list(t.shape)} does not fit the "
                                       "backbone "
                                       f"({'missing' if w is None else list(w.shape)})")
-                absw = _contexts(bb_hash, t.name, w) if cod.needs_backbone else None
+                absw = _contexts(bb_hash, t.name.rsplit("/", 1)[-1], w) if cod.needs_backbone else None
             payload = container.blob(self.path, data, t, f"tensor {t.name!r}")
             flat = cod.decode(payload, t.numel, absw)
             if int(np.count_nonzero(flat)) != t.active:
@@ -289,6 +290,12 @@ def _resolve_backbone(backbone, mf: MaskFile):
     return backbone
 
 
+def _refuse_cascade(mf: MaskFile) -> None:
+    if mf.metadata.get("cascade.format"):
+        raise FormatError(f"{mf.path} holds a cascade (dispatcher + experts), not a single task: "
+                          "load it with maskpack.load_cascade(path, backbone)")
+
+
 def load(path: str | os.PathLike, backbone=None) -> TaskModel:
     """Load a ``.mask`` file as a plain, rehydrated :class:`TaskModel` (eval mode).
 
@@ -307,6 +314,7 @@ def load(path: str | os.PathLike, backbone=None) -> TaskModel:
     from .rehydrate import rehydrate
 
     mf = read(path)
+    _refuse_cascade(mf)
     bb = _resolve_backbone(backbone, mf)
     masks = mf.masks(bb)
     return rehydrate(bb, masks, mf.extras, scale=mf.scale)
@@ -319,6 +327,7 @@ def load_task_into(host, path: str | os.PathLike) -> TaskModel:
     tensor a task changed), so tasks can be switched in any order.
     """
     mf = read(path)
+    _refuse_cascade(mf)
     pristine = {**host.model.backbone.state_dict(), **getattr(host, "_pristine", {})}
     _check_hash(mf, state_dict_hash(pristine), "<TaskHost backbone>")
 

@@ -268,3 +268,14 @@ def test_end_to_end_on_lite0(tmp_path, lite0):
     assert out.exit_code == 0, out.output
     got = json.loads(out.output)
     assert set(got) == {"dispatcher", "unconditional", "conditional"} and "knn@1" in got["dispatcher"]
+
+
+def test_cascade_file_verifies_but_load_points_to_load_cascade(parts, tmp_path):
+    from maskpack.errors import FormatError
+
+    path = tmp_path / "c.mask"
+    _save(parts, path)
+    mf = maskpack.read(path)
+    mf.verify(parts["net"])  # experts' deltas decode with their backbone tensor's contexts
+    with pytest.raises(FormatError, match="load_cascade"):
+        maskpack.load(path, parts["net"])
