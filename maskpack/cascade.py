@@ -85,6 +85,16 @@ class CascadeModel(nn.Module):
         self.mode = mode or next(iter(self.combine_params), "unconditional")
         self.requires_grad_(False)
 
+    def _apply(self, fn, recurse=True):
+        # Router and projection tensors are plain dicts (fixed dtypes: float64 routing); follow the
+        # dispatcher's device on .to()/.cuda() but never change their dtype.
+        super()._apply(fn, recurse)
+        dev = next(self.dispatcher.parameters()).device
+        self.router = {k: v.to(dev) for k, v in self.router.items()}
+        self._proj = {m: tuple(t.to(dev) for t in p) for m, p in self._proj.items()}
+        self._log_det, self._mu_prec = self._log_det.to(dev), self._mu_prec.to(dev)
+        return self
+
     @property
     def num_experts(self) -> int:
         return len(self.experts)

@@ -279,3 +279,12 @@ def test_cascade_file_verifies_but_load_points_to_load_cascade(parts, tmp_path):
     mf.verify(parts["net"])  # experts' deltas decode with their backbone tensor's contexts
     with pytest.raises(FormatError, match="load_cascade"):
         maskpack.load(path, parts["net"])
+
+
+def test_cascade_follows_to_device_and_keeps_router_dtype(parts, tmp_path):
+    path = tmp_path / "c.mask"
+    _save(parts, path)
+    loaded = load_cascade(path, parts["net"]).to("cpu").float()
+    assert loaded.router["pca_mean"].dtype == torch.float64
+    x = parts["x"]
+    assert torch.equal(loaded(x, "unconditional"), parts["model"](x, "unconditional"))
