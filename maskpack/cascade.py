@@ -778,7 +778,8 @@ def _split_extras(path: Path, info, k: int, modes: list[str]):
 
     if info.extras is None:
         raise FormatError(f"{path}: a cascade needs its extras (router, combination); the file has none")
-    raw = container.read_blob(path, info, info.extras, "extras")
+    raw = container.decode_extras(container.read_blob(path, info, info.extras, "extras"), info.extras,
+                                  os.fspath(path))
     try:
         tensors = st_load(raw)
     except Exception as exc:  # safetensors has its own error types

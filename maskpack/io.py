@@ -202,7 +202,8 @@ class MaskFile:
         """The extras (head, BN statistics ...) as tensors; ``{}`` when the file has none."""
         if self._info.extras is None:
             return {}
-        raw = container.blob(self.path, self._data(), self._info.extras, "extras")
+        stored = container.blob(self.path, self._data(), self._info.extras, "extras")
+        raw = container.decode_extras(stored, self._info.extras, os.fspath(self.path))
         from safetensors.torch import load as st_load
 
         try:

@@ -217,15 +217,41 @@ def test_every_flipped_byte_is_caught(tmp_path, codec):
             mf.extras  # noqa: B018
 
 
-def test_extras_blob_must_be_safetensors(tmp_path, good):
+def _replace_extras(tmp_path, good, stored: bytes, size: int) -> bytes:
     hlen = struct.unpack("<I", good[10:14])[0]
     mf = maskpack.read(tmp_path / "good.mask")
-    junk = b"\x08" + b"\x00" * (mf._info.extras.length - 1)
-    start = 18 + hlen + mf._info.extras.offset
-    data = good[:start] + junk
-    data = _rewrite(data, lambda h: h["extras"].update(crc32=zlib.crc32(junk)))
+    data = good[:18 + hlen + mf._info.extras.offset] + stored
+    return _rewrite(data, lambda h: h["extras"].update(crc32=zlib.crc32(stored), length=len(stored),
+                                                      size=size))
+
+
+def test_extras_blob_must_be_safetensors(tmp_path, good):
+    junk = b"\x08" + b"\x00" * 40
+    data = _replace_extras(tmp_path, good, container.encode_extras(junk), len(junk))
     with pytest.raises(FormatError, match="safetensors"):
         _open(tmp_path, data)
+
+
+def test_extras_that_are_not_zstd_or_disagree_with_their_size(tmp_path, good):
+    with pytest.raises(FormatError, match="not a zstd frame"):
+        _open(tmp_path, _replace_extras(tmp_path, good, b"\x00" * 32, 40))
+    blob = b"\x01" * 40
+    with pytest.raises(FormatError, match="declares 40 bytes, the header 44"):
+        _open(tmp_path, _replace_extras(tmp_path, good, container.encode_extras(blob), 41))
+
+
+def test_extras_bomb_is_refused_before_decompressing(tmp_path, good):
+    zeros = container.encode_extras(b"\x00" * (1 << 24))  # 16 MiB of zeros: a tiny frame
+    with pytest.raises(FormatError, match="refusing"):
+        _open(tmp_path, _replace_extras(tmp_path, good, zeros, 1 << 24))
+
+
+def test_extras_are_byte_shuffled_and_compressed(tmp_path):
+    blob = np.linspace(0.5, 1.5, 4096, dtype=np.float32).tobytes() + b"xyz"
+    stored = container.encode_extras(blob)
+    assert len(stored) < len(blob) // 2
+    entry = container.ExtrasEntry(0, len(stored), zlib.crc32(stored), len(blob))
+    assert container.decode_extras(stored, entry, "x") == blob
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -24,6 +24,9 @@ import tempfile
 import zlib
 from dataclasses import dataclass, field
 
+import numpy as np
+import zstandard
+
 from ..errors import FormatError
 from . import bits
 from .codecs import get_codec
@@ -38,6 +41,12 @@ MAX_NDIM = 8
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TENSOR_KEYS = {"name", "shape", "active", "offset", "length", "crc32"}
 _BLOB_KEYS = {"offset", "length", "crc32"}
+_EXTRAS_KEYS = {"offset", "length", "crc32", "size"}
+EXTRAS_LEVEL = 19
+# A stored extras blob may expand at most this much (dense float tensors compress ~1.2x): a tiny
+# hostile file cannot make the reader allocate gigabytes.
+MAX_EXTRAS_EXPANSION = 256
+MAX_EXTRAS = 1 << 34
 _TOP_KEYS = {"backbone", "codec", "tensors", "extras", "metadata"}
 
 
@@ -66,6 +75,13 @@ class TensorEntry(Entry):
         return n
 
 
+@dataclass(frozen=True)
+class ExtrasEntry(Entry):
+    """The extras blob: ``size`` is the length of the safetensors bytes once decoded."""
+
+    size: int = 0
+
+
 @dataclass
 class Container:
     """A parsed, validated ``.mask`` header (no payload has been read yet)."""
@@ -75,7 +91,7 @@ class Container:
     backbone_hash: str
     codec: str
     tensors: list[TensorEntry]
-    extras: Entry | None
+    extras: ExtrasEntry | None
     metadata: dict[str, str]
     header: dict = field(repr=False)
     data_offset: int = 0
@@ -92,7 +108,8 @@ def build(*, backbone_name: str, backbone_hash: str, codec: str,
 
     Args:
         tensors: ``(name, shape, active count, encoded payload)`` in file order.
-        extras: a safetensors blob, or None.
+        extras: a safetensors blob, or None; stored byte-shuffled and zstd-compressed
+            (:func:`encode_extras`).
     """
     entries, blobs, offset = [], [], 0
     for name, shape, active, payload in tensors:
@@ -102,8 +119,10 @@ def build(*, backbone_name: str, backbone_hash: str, codec: str,
         offset += len(payload)
     extras_entry = None
     if extras is not None:
-        extras_entry = {"offset": offset, "length": len(extras), "crc32": zlib.crc32(extras)}
-        blobs.append(extras)
+        stored = encode_extras(extras)
+        extras_entry = {"offset": offset, "length": len(stored), "crc32": zlib.crc32(stored),
+                        "size": len(extras)}
+        blobs.append(stored)
     header = {"backbone": {"name": backbone_name, "sha256": backbone_hash}, "codec": codec,
               "tensors": entries, "extras": extras_entry, "metadata": dict(metadata)}
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
@@ -111,6 +130,38 @@ def build(*, backbone_name: str, backbone_hash: str, codec: str,
     hdr = packer.compress(text) + packer.flush()
     _validate(header, len(text), sum(len(b) for b in blobs), where="<new file>")  # never write bad files
     return PREAMBLE.pack(MAGIC, VERSION, len(hdr), zlib.crc32(hdr)) + hdr + b"".join(blobs)
+
+
+def encode_extras(blob: bytes) -> bytes:
+    """Shuffle the bytes into 4 planes (byte k of every 4-byte word together), then zstd.
+
+    Trained float32 tensors (head, BN statistics) keep similar sign/exponent bytes next to each
+    other this way: about 16% smaller than plain zstd cannot reach (ZipNN's byte grouping).
+    """
+    pad = (-len(blob)) % 4
+    words = np.frombuffer(blob + b"\0" * pad, dtype=np.uint8).reshape(-1, 4)
+    planes = np.ascontiguousarray(words.T).tobytes()
+    return zstandard.ZstdCompressor(level=EXTRAS_LEVEL, write_content_size=True,
+                                    write_checksum=False).compress(planes)
+
+
+def decode_extras(stored: bytes, entry: ExtrasEntry, where: str) -> bytes:
+    """Inverse of :func:`encode_extras`; never produces more than ``entry.size`` (+3) bytes."""
+    padded = entry.size + (-entry.size) % 4
+    try:
+        params = zstandard.get_frame_parameters(stored)
+    except zstandard.ZstdError as exc:
+        raise _fail(where, f"extras are not a zstd frame ({exc})") from exc
+    if params.content_size != padded:
+        raise _fail(where, f"extras frame declares {params.content_size} bytes, the header {padded}")
+    try:
+        planes = zstandard.ZstdDecompressor().decompress(stored, max_output_size=padded)
+    except zstandard.ZstdError as exc:
+        raise _fail(where, f"extras do not decompress ({exc})") from exc
+    if len(planes) != padded:
+        raise _fail(where, f"extras decompress to {len(planes)} bytes, expected {padded}")
+    words = np.frombuffer(planes, dtype=np.uint8).reshape(4, -1)
+    return np.ascontiguousarray(words.T).tobytes()[:entry.size]
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -207,6 +258,15 @@ def _blob(d, what: str, where: str, keys: set[str]) -> Entry:
                  _int(d["crc32"], 0, 0xFFFFFFFF, f"{what} crc32", where))
 
 
+def _extras(d, where: str) -> ExtrasEntry:
+    e = _blob(d, "extras", where, _EXTRAS_KEYS)
+    size = _int(d["size"], 0, MAX_EXTRAS, "extras size", where)
+    if size > MAX_EXTRAS_EXPANSION * e.length + 65536:
+        raise _fail(where, f"extras declare {size} bytes from a {e.length}-byte blob: refusing "
+                    "(corrupted or hostile file)")
+    return ExtrasEntry(e.offset, e.length, e.crc32, size)
+
+
 def _tensor(d, i: int, where: str) -> TensorEntry:
     if not isinstance(d, dict):
         raise _fail(where, f"tensor entry {i} is not an object")
@@ -243,12 +303,12 @@ def _validate(header: dict, _text_len: int | None, data_len: int, where: str) ->
     if not isinstance(header["tensors"], list):
         raise _fail(where, "header 'tensors' must be a list")
     tensors = [_tensor(d, i, where) for i, d in enumerate(header["tensors"])]
-    extras = None if header["extras"] is None else _blob(header["extras"], "extras", where, _BLOB_KEYS)
+    extras = None if header["extras"] is None else _extras(header["extras"], where)
     _check_tiling(tensors, extras, data_len, codec, where)
     return Container(1, bb["name"], bb["sha256"], codec, tensors, extras, dict(meta), header)
 
 
-def _check_tiling(tensors: list[TensorEntry], extras: Entry | None, data_len: int, codec: str,
+def _check_tiling(tensors: list[TensorEntry], extras: ExtrasEntry | None, data_len: int, codec: str,
                   where: str) -> None:
     seen: set[str] = set()
     pos = 0
