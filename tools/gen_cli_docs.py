@@ -26,8 +26,8 @@ def render() -> str:
     from maskpack.cli import main
 
     runner = CliRunner()
-    parts = [INTRO, "## maskpack\n", "```", runner.invoke(main, ["--help"], terminal_width=100).output.rstrip(),
-             "```\n"]
+    top = runner.invoke(main, ["--help"], terminal_width=100).output.rstrip()
+    parts = [INTRO, "## maskpack\n", "```", top, "```\n"]
     for name in sorted(main.commands):
         out = runner.invoke(main, [name, "--help"], terminal_width=100).output.rstrip()
         parts += [f"## maskpack {name}\n", "```", out, "```\n"]
