@@ -23,6 +23,7 @@ R[mask-S2]="--method mask --lr 50 --warmup 1 --head-lr 0.01 ${S2[*]}"
 R[bnaff-S2]="--method mask --lr 50 --warmup 1 --head-lr 0.01 --set train_bn_affine=true --set bn_lr=0.01 ${S2[*]}"
 R[norm-S2]="--method mask --lr 0.01 --warmup 1 --head-lr 0.01 --set score_grad_norm=true ${S2[*]}"
 R[normbn-S2]="--method mask --lr 0.01 --warmup 1 --head-lr 0.01 --set score_grad_norm=true --set train_bn_affine=true --set bn_lr=0.01 ${S2[*]}"
+R[head-S2]="--method mask --lr 50 --warmup 1 --head-lr 0.01 --set head_only_epochs=2 ${S2[*]}"
 for name in "$@"; do
   args=${R[$name]:?unknown run $name}
   out=runs/rs-$name
