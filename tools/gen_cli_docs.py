@@ -26,10 +26,10 @@ def render() -> str:
     from maskpack.cli import main
 
     runner = CliRunner()
-    top = runner.invoke(main, ["--help"], terminal_width=100).output.rstrip()
+    top = runner.invoke(main, ["--help"], prog_name="maskpack", terminal_width=100).output.rstrip()
     parts = [INTRO, "## maskpack\n", "```", top, "```\n"]
     for name in sorted(main.commands):
-        out = runner.invoke(main, [name, "--help"], terminal_width=100).output.rstrip()
+        out = runner.invoke(main, [name, "--help"], prog_name="maskpack", terminal_width=100).output.rstrip()
         parts += [f"## maskpack {name}\n", "```", out, "```\n"]
     return "\n".join(parts)
 

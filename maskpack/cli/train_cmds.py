@@ -52,7 +52,8 @@ def _slug(text: str) -> str:
 @click.option("--method", type=click.Choice(["mask", "topk", "fft"]), default="mask", show_default=True,
               help="mask: scores > 0 (the paper); topk: keep the top fraction; fft: full fine-tuning.")
 @click.option("--recipe", default="default", show_default=True,
-              help="Named defaults for lr, head lr, warm-up, BN re-estimation (default, paper).")
+              help="Named defaults for lr, head lr, warm-up, BN re-estimation: default, paper (the "
+                   "paper's recipe), normalized (experimental: per-tensor normalised score updates).")
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--lr", type=float, default=None,
