@@ -86,8 +86,10 @@ def thresholds(absw: np.ndarray, n_buckets: int) -> np.ndarray:
 def contexts(absw: np.ndarray, n_buckets: int) -> np.ndarray:
     """Bucket id (uint8) of every element: the number of thresholds ``<= |w|``."""
     ctx = np.zeros(absw.size, dtype=np.uint8)
+    hit = np.empty(absw.size, dtype=bool)  # reused: no temporary array per threshold
     for t in thresholds(absw, n_buckets):
-        ctx += absw >= t
+        np.greater_equal(absw, t, out=hit)
+        ctx += hit.view(np.uint8)
     return ctx
 
 
