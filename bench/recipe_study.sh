@@ -29,6 +29,7 @@ R[fft-8]="--method fft ${E8[*]}"
 R[mask-8]="--method mask ${E8[*]}"
 R[bnaff-8]="--method mask --set train_bn_affine=true --set bn_lr=0.01 ${E8[*]}"
 R[norm002bn-8]="--method mask --recipe normalized --lr 0.002 --set train_bn_affine=true --set bn_lr=0.01 ${E8[*]}"
+R[fft-8-nore]="--method fft --no-bn-reestimate ${E8[*]}"
 R[head-S2]="--method mask --lr 50 --warmup 1 --head-lr 0.01 --set head_only_epochs=2 ${S2[*]}"
 for name in "$@"; do
   args=${R[$name]:?unknown run $name}

@@ -93,7 +93,9 @@ def test_score_grad_norm_gives_unit_mean_gradients_per_tensor():
 
 def test_normalized_recipe_switches_on_per_tensor_score_normalisation():
     n = resolve_config(TrainConfig(recipe="normalized", epochs=8))
-    assert n.score_grad_norm is True and n.lr == 0.01 and n.bn_reestimate is True
+    assert n.score_grad_norm is True and n.lr == 0.002 and n.bn_reestimate is True
+    assert n.train_bn_affine is True and resolve_config(TrainConfig()).train_bn_affine is False
+    assert resolve_config(TrainConfig(recipe="normalized", train_bn_affine=False)).train_bn_affine is False
     assert resolve_config(TrainConfig(recipe="paper")).score_grad_norm is False
     assert resolve_config(TrainConfig()).score_grad_norm is False
     assert resolve_config(TrainConfig(recipe="normalized", score_grad_norm=False)).score_grad_norm is False
