@@ -93,8 +93,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     # Not the default yet: measured on one dataset, one seed (the digits numbers in
     # docs/benchmarks.md are for `default`).
     "normalized": {
-        # At the 8-epoch budget on cifar10-5k (32 px): lr 0.002 + BN affine 0.473 vs fft
-        # 0.505 in the same trainer, where the default recipe gets 0.334 (docs/recipe-study.md).
+        # At the 8-epoch budget on cifar10-5k (32 px), evaluated after BN re-estimation on
+        # 16 batches: lr 0.002 + BN affine 0.473, default recipe 0.334, fft 0.505 (0.630 without
+        # the re-estimation; docs/recipe-study.md).
         "lr": {"mask": 0.002, "topk": 0.1, "fft": 0.01},
         "head_lr": {"mask": 0.01, "topk": 0.01, "fft": None},
         "weight_decay": {"mask": 0.0, "topk": 0.0, "fft": 5e-4},
