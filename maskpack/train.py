@@ -557,8 +557,12 @@ class _Run:
         ekw = dict(batch_size=max(c.batch_size, 128), num_workers=workers, pin_memory=self.cuda)
         self.eval_train = self._eval_loader(Augmented(d.train, ev, self.labelled), ekw)
         self.eval_test = self._eval_loader(Augmented(d.test, ev), ekw)
-        # BN re-estimation sees clean images of the training set (fixed order, first batches).
-        self.bn_loader = make_loader(Augmented(d.train, ev, train_idx), batch_size=c.batch_size,
+        # BN re-estimation sees clean images of the training set in a seeded random order: the
+        # first batches of the stored order would be a few classes only (ImageFolder is sorted by
+        # class), which skews every statistic. Same order on every rank and every evaluation.
+        bn_set = Augmented(d.train, ev, train_idx)
+        self.bn_loader = make_loader(bn_set, batch_size=c.batch_size,
+                                     sampler=EpochSampler(len(bn_set), seed=c.seed, shuffle=True),
                                      num_workers=workers, pin_memory=self.cuda)
 
     def _sinkhorn_reduce(self) -> dict[str, Any]:
