@@ -622,8 +622,9 @@ def compare_files(mask_path: str | os.PathLike, finetuned_path: str | os.PathLik
 class PairConfig:
     """The two training runs of ``maskpack bench``: a mask and a full fine-tune, same budget.
 
-    Both use the trainer's default recipe for their method (masks: score lr 50; fft: lr 0.01,
-    weight decay 5e-4), the same data, epochs, image size, batch size and seed.
+    Both use the trainer's default recipe for their method (masks: normalised score lr 0.002 + BN
+    weight/bias; fft: lr 0.01, weight decay 5e-4), the same data, epochs, image size, batch size
+    and seed.
     """
 
     dataset: str = "digits"

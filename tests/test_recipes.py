@@ -37,10 +37,19 @@ def test_every_recipe_resolves(recipe, method, objective):
         assert c.weight_decay == 0.0  # never decay scores (breaks Theorems 1-2)
 
 
-def test_default_mask_recipe_keeps_score_lr_of_the_paper():
-    # Theorem 2: S0 = 1 with lr 50 is the paper's scale; the study changed the schedule, not S0.
+def test_default_mask_recipe_is_the_studys_normalised_recipe():
+    # docs/recipe-study.md: per-tensor normalised score updates at lr 0.002 + BN affine; S0 = 1
+    # and threshold 0 stay the paper's. The former default stays available as `lr50`.
     c = resolve_config(TrainConfig(epochs=8))
-    assert c.lr == 50.0 and c.score_init == 1.0 and c.warmup >= 1.0
+    assert c.lr == 0.002 and c.score_grad_norm is True and c.train_bn_affine is True
+    assert c.score_init == 1.0 and c.threshold == 0.0 and c.warmup >= 1.0 and c.bn_reestimate is True
+    old = resolve_config(TrainConfig(recipe="lr50", epochs=8))
+    assert old.lr == 50.0 and old.score_grad_norm is False and old.train_bn_affine is False
+    # top-k and fft are unchanged by the study
+    t = resolve_config(TrainConfig(method="topk"))
+    assert t.lr == 0.1 and t.score_grad_norm is False and t.train_bn_affine is False
+    f = resolve_config(TrainConfig(method="fft"))
+    assert f.lr == 0.01 and f.score_grad_norm is False
 
 
 def _groups(config):
@@ -94,8 +103,8 @@ def test_score_grad_norm_gives_unit_mean_gradients_per_tensor():
 def test_normalized_recipe_switches_on_per_tensor_score_normalisation():
     n = resolve_config(TrainConfig(recipe="normalized", epochs=8))
     assert n.score_grad_norm is True and n.lr == 0.002 and n.bn_reestimate is True
-    assert n.train_bn_affine is True and resolve_config(TrainConfig()).train_bn_affine is False
+    assert n.train_bn_affine is True and resolve_config(TrainConfig(recipe="lr50")).train_bn_affine is False
     assert resolve_config(TrainConfig(recipe="normalized", train_bn_affine=False)).train_bn_affine is False
     assert resolve_config(TrainConfig(recipe="paper")).score_grad_norm is False
-    assert resolve_config(TrainConfig()).score_grad_norm is False
+    assert resolve_config(TrainConfig(recipe="lr50")).score_grad_norm is False
     assert resolve_config(TrainConfig(recipe="normalized", score_grad_norm=False)).score_grad_norm is False

@@ -33,7 +33,8 @@ def test_lr_schedule_warmup_never_zero_and_cosine_to_zero():
 def test_loss_goes_down_and_masks_change(tmp_path):
     # 12 steps at 16 px: mask the late layers only (Lite0's early layers have far larger score
     # gradients and need the recipe study's care; see FACTS.md). Loss falls, masks move.
-    r = run(cfg(tmp_path, epochs=4, head_lr=0.1, eval_every=4, mask_layers="re:_blocks\\.1[0-5]|_conv_head"))
+    r = run(cfg(tmp_path, epochs=4, head_lr=0.1, eval_every=4, mask_layers="re:_blocks\\.1[0-5]|_conv_head",
+                recipe="lr50"))
     losses = [h["loss"] for h in r.history]
     assert losses[-1] < losses[0] - 0.1
     assert 0.9 < r.metrics["active"] < 1.0  # some weights were switched off
@@ -42,6 +43,15 @@ def test_loss_goes_down_and_masks_change(tmp_path):
     assert [row["epoch"] for row in rows] == [1, 2, 3, 4]
     assert {"loss", "lr", "active", "images_per_s", "accuracy"} <= set(rows[-1])
     assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == 50.0
+
+
+def test_default_recipe_learns(tmp_path):
+    # the default (normalised score updates + BN affine) on every conv: loss falls, masks move
+    r = run(cfg(tmp_path, epochs=4, head_lr=0.1, bn_lr=0.01, eval_every=4))
+    losses = [h["loss"] for h in r.history]
+    assert r.config.score_grad_norm and r.config.train_bn_affine
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert 0.9 < r.metrics["active"] < 1.0
 
 
 def test_checkpoint_contract(tmp_path):
@@ -169,7 +179,18 @@ def test_optimizer_sees_only_trainables_and_no_decay_on_scores(tmp_path):
 
     run(cfg(None, epochs=1, max_steps_per_epoch=1, weight_decay=0.1), callbacks=[grab])
     assert seen["groups"]["scores"][1] == 0.0 and seen["all_trainable"]
+    assert set(seen["groups"]) == {"scores", "head", "weights"}  # weights: BN affine (default recipe)
+    n_bn = 2 * sum(1 for m in lite0_bns())
+    assert seen["groups"]["weights"][0] == n_bn
+    seen.clear()
+    run(cfg(None, epochs=1, max_steps_per_epoch=1, train_bn_affine=False), callbacks=[grab])
     assert set(seen["groups"]) == {"scores", "head"}
+
+
+def lite0_bns():
+    from maskpack import load_backbone
+
+    return [m for m in load_backbone().model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
 
 
 def test_layer_filters(lite0):
