@@ -33,11 +33,19 @@ R[fft-8-nore]="--method fft --no-bn-reestimate ${E8[*]}"
 # Normalised score lr sweep at 8 epochs (recipe `normalized` = lr 0.002 + BN affine)
 R[norm001bn-8]="--method mask --recipe normalized --lr 0.001 ${E8[*]}"
 R[norm005bn-8]="--method mask --recipe normalized --lr 0.005 ${E8[*]}"
+# Variations of the default (normalised lr 0.002 + BN affine) at 8 epochs (EXTRA="--threads 1" to
+# run beside another job)
+R[def-hl03-8]="--method mask --head-lr 0.03 --set bn_lr=0.01 ${E8[*]} ${EXTRA:-}"
+R[def-wu2-8]="--method mask --warmup 2 ${E8[*]} ${EXTRA:-}"
+R[def-detach-8]="--method mask --detach-alpha ${E8[*]} ${EXTRA:-}"
+R[def-nostem-8]="--method mask --mask-layers no-stem ${E8[*]} ${EXTRA:-}"
+R[def-nobnaff-8]="--method mask --set train_bn_affine=false ${E8[*]} ${EXTRA:-}"
 # SwAV self-masks: BN kept in eval mode with the backbone's ImageNet statistics (re-estimating
 # them on clean 32 px images costs the frozen backbone 3-4 k-NN points: bench/knn_bn.py)
 SW=(--objective swav --method mask --knn end --bn-mode frozen --no-bn-reestimate
     --set swav_crops=[2,4] --set swav_global_scale=[0.3,1.0] --set swav_prototypes=100)
 R[swav-norm-8]="${SW[*]} --recipe normalized --lr 0.002 --head-lr 0.1 --set bn_lr=0.01 ${E8[*]}"
+R[swav-ho-8]="${SW[*]} --recipe normalized --lr 0.001 --head-lr 0.1 --set train_bn_affine=false --set head_only_epochs=2 --knn epoch --threads 1 ${E8[*]}"
 R[swav-smoke]="${SW[*]} --recipe normalized --lr 0.002 --head-lr 0.1 --set bn_lr=0.01 --epochs 1 --set max_steps_per_epoch=6"
 R[head-S2]="--method mask --lr 50 --warmup 1 --head-lr 0.01 --set head_only_epochs=2 ${S2[*]}"
 for name in "$@"; do
