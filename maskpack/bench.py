@@ -629,7 +629,7 @@ class PairConfig:
 
     dataset: str = "digits"
     backbone: str = "efficientnet_lite0"
-    epochs: int = 3
+    epochs: int = 6
     image_size: int | None = 32
     batch_size: int = 64
     data_dir: str | None = None

@@ -65,7 +65,7 @@ def render(result, console) -> None:
 @click.option("--backbone", default="efficientnet_lite0", show_default=True, help="Backbone registry name.")
 @click.option("--data-dir", default=None, help="Where the CIFAR archives live (~/.cache/maskpack/data).")
 @click.option("--download", is_flag=True, help="Let torchvision download CIFAR into --data-dir.")
-@click.option("--epochs", type=int, default=3, show_default=True, help="Epochs for each of the two runs.")
+@click.option("--epochs", type=int, default=6, show_default=True, help="Epochs for each of the two runs.")
 @click.option("--image-size", type=int, default=32, show_default=True, help="Input side in px.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
