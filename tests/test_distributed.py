@@ -64,8 +64,10 @@ def _check_same(ref: dict, ck: dict, min_off: int) -> str:
     assert off > min_off, "masks barely moved: the comparison would be empty"
     assert same / total >= 0.999, (same, total, diff)
     assert diff < 1e-3
-    for k, v in ref["extras"].items():  # head (BN buffers are untouched: BN frozen)
-        torch.testing.assert_close(ck["extras"][k], v, rtol=1e-4, atol=1e-5)
+    # head and BN weight/bias (trained by the default recipe); BN buffers are untouched (frozen).
+    # All-reduce sums in another order than one process: differences of ~1e-5 after lr-0.1 steps.
+    for k, v in ref["extras"].items():
+        torch.testing.assert_close(ck["extras"][k], v, rtol=1e-4, atol=1e-4)
     return (f"masks agree on {same}/{total} ({same / total:.6%}), max |score diff| {diff:.3g}, "
             f"{off} weights switched off")
 
