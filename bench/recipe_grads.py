@@ -52,7 +52,7 @@ print(f"{'tensor':38s} {'group':10s} {'mean|g|':>10s} {'p99|g|':>10s} {'steps@50
 for n, k, m, p in rows:
     print(f"{n:38s} {k:10s} {m:10.2e} {p:10.2e} {1 / (50 * m):16.0f} {1 / (50 * p):8.0f}")
 groups = {}
-for n, k, m, p in rows:
+for _n, k, m, _p in rows:
     groups.setdefault(k, []).append(m)
 print("group means of mean|g|:", {k: f"{sum(v) / len(v):.2e}" for k, v in groups.items()})
 ms = [m for _, _, m, _ in rows]

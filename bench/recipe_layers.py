@@ -34,7 +34,8 @@ def main(dirs):
             if ns:
                 tot = sum(masks[n].numel() for n in ns)
                 on = sum(int(masks[n].sum()) for n in ns)
-                print(f"   {k:10s} tensors {len(ns):3d} active {on / tot:.4f}  min {min(act[n] for n in ns):.3f}")
+                print(f"   {k:10s} tensors {len(ns):3d} active {on / tot:.4f}  "
+                      f"min {min(act[n] for n in ns):.3f}")
         print("   first 6 / last 3 tensors:", ", ".join(f"{n.split('.')[-2] if '.' in n else n}:{act[n]:.3f}"
                                                    for n in names[:6] + names[-3:]))
 

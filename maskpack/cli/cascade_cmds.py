@@ -36,7 +36,8 @@ def _parse_set(values: tuple[str, ...]) -> dict:
 @click.option("--image-size", type=int, default=32, show_default=True)
 @click.option("--epochs", type=int, default=4, show_default=True, help="Dispatcher epochs.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--lr", type=float, default=None, help="Score lr (default: the recipe's, 0.002 on normalised gradients).")
+@click.option("--lr", type=float, default=None,
+              help="Score lr (default: the recipe's, 0.002 on normalised gradients).")
 @click.option("--max-steps", type=int, default=None, help="Cap the dispatcher's steps per epoch.")
 @click.option("--set", "set_values", multiple=True, metavar="KEY=VALUE",
               help="Any other dispatcher TrainConfig knob, e.g. --set swav_crops=[2,2] (repeatable).")
