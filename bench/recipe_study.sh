@@ -40,6 +40,9 @@ R[def-wu2-8]="--method mask --warmup 2 ${E8[*]} ${EXTRA:-}"
 R[def-detach-8]="--method mask --detach-alpha ${E8[*]} ${EXTRA:-}"
 R[def-nostem-8]="--method mask --mask-layers no-stem ${E8[*]} ${EXTRA:-}"
 R[def-nobnaff-8]="--method mask --set train_bn_affine=false ${E8[*]} ${EXTRA:-}"
+# A second seed (EXTRA="--threads 1" to run both at once)
+R[fft-8-s1]="--method fft --seed 1 ${E8[*]} ${EXTRA:-}"
+R[default-8-s1]="--method mask --seed 1 ${E8[*]} ${EXTRA:-}"
 # SwAV self-masks: BN kept in eval mode with the backbone's ImageNet statistics (re-estimating
 # them on clean 32 px images costs the frozen backbone 3-4 k-NN points: bench/knn_bn.py)
 SW=(--objective swav --method mask --knn end --bn-mode frozen --no-bn-reestimate
