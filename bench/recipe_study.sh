@@ -49,6 +49,9 @@ SW=(--objective swav --method mask --knn end --bn-mode frozen --no-bn-reestimate
     --set swav_crops=[2,4] --set swav_global_scale=[0.3,1.0] --set swav_prototypes=100)
 R[swav-norm-8]="${SW[*]} --recipe normalized --lr 0.002 --head-lr 0.1 --set bn_lr=0.01 ${E8[*]}"
 R[swav-ho-8]="${SW[*]} --recipe normalized --lr 0.001 --head-lr 0.1 --set train_bn_affine=false --set head_only_epochs=2 --knn epoch --threads 1 ${E8[*]}"
+# BN in train mode (batch statistics as in normal SwAV, re-estimated on clean images before the
+# k-NN), conv head never masked, 2+2 crops
+R[swav-bntrain-8]="--objective swav --method mask --knn end --set swav_crops=[2,2] --set swav_global_scale=[0.3,1.0] --set swav_prototypes=100 --recipe normalized --lr 0.001 --head-lr 0.1 --set train_bn_affine=false --set head_only_epochs=1 --mask-layers re:_blocks ${E8[*]}"
 R[swav-smoke]="${SW[*]} --recipe normalized --lr 0.002 --head-lr 0.1 --set bn_lr=0.01 --epochs 1 --set max_steps_per_epoch=6"
 R[head-S2]="--method mask --lr 50 --warmup 1 --head-lr 0.01 --set head_only_epochs=2 ${S2[*]}"
 for name in "$@"; do
