@@ -30,18 +30,15 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = load_dataset(args.dataset, image_size=args.image_size)
-    rows = {}
+    bb = load_backbone(args.backbone)
+    ds = Augmented(data.train, eval_transform(args.image_size, bb.mean, bb.std))
     for nb in [int(x) for x in args.batches.split(",")]:
-        bb = load_backbone(args.backbone)
-        model = TaskModel(bb.model)
+        model = TaskModel(bb.copy_model())  # a fresh copy: re-estimation changes BN in place
         if nb:
-            ds = Augmented(data.train, eval_transform(args.image_size, bb.mean, bb.std))
             loader = make_loader(ds, batch_size=64, sampler=EpochSampler(len(ds), seed=0))
             reestimate_bn_(model, loader, max_batches=nb)
-        rows[f"bn={nb or 'imagenet'}"] = evaluate_model(model, data, image_size=args.image_size,
-                                                        mean=bb.mean, std=bb.std)
-        print(f"bn={nb or 'imagenet'}", json.dumps(rows[f"bn={nb or 'imagenet'}"]), flush=True)
-
+        res = evaluate_model(model, data, image_size=args.image_size, mean=bb.mean, std=bb.std)
+        print(f"bn={nb or 'imagenet'}", json.dumps(res), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -68,17 +68,21 @@ METHODS = ("mask", "topk", "fft")
 OBJECTIVES = ("supervised", "swav")
 _BN = nn.modules.batchnorm._BatchNorm
 
+# What every recipe shares unless it says otherwise.
+_COMMON: dict[str, Any] = {
+    "head_lr": {"mask": 0.01, "topk": 0.01, "fft": None},  # None: same as lr
+    "weight_decay": {"mask": 0.0, "topk": 0.0, "fft": 5e-4},
+    "warmup": 1.0,
+    "bn_reestimate": True,
+}
 # Per-tensor normalised score updates (recipe study, docs/recipe-study.md): Lite0's score gradients
 # span ~600x across layers, so one raw lr (the paper's 50) wrecks the first layers while the last
 # ones never move; dividing each score tensor's gradient by its mean |g| equalises them, and
 # training the BN weight/bias alongside (at the head lr, stored as extras) adds the rest.
 # cifar10-5k, 32 px, 8 epochs, BN re-estimated: 0.623 vs fft 0.648 (lr 50: 0.472).
 _NORMALIZED: dict[str, Any] = {
+    **_COMMON,
     "lr": {"mask": 0.002, "topk": 0.1, "fft": 0.01},
-    "head_lr": {"mask": 0.01, "topk": 0.01, "fft": None},  # None: same as lr
-    "weight_decay": {"mask": 0.0, "topk": 0.0, "fft": 5e-4},
-    "warmup": 1.0,
-    "bn_reestimate": True,
     # per method: top-k keeps the raw scores (its lr 0.1 was not studied with normalisation)
     "score_grad_norm": {"mask": True, "topk": False, "fft": False},
     "train_bn_affine": {"mask": True, "topk": False, "fft": False},
@@ -90,22 +94,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     "normalized": _NORMALIZED,  # the study's name for it (configs written before it became default)
     # The paper's recipe (Warmerdam et al.): lr 50, S0 = 1, mu = 0, BN in train mode, a linear
     # warm-up of 40/150 of the schedule, no BN re-estimation.
-    "paper": {
-        "lr": {"mask": 50.0, "topk": 0.1, "fft": 1e-3},
-        "head_lr": {"mask": 0.01, "topk": 0.01, "fft": None},
-        "weight_decay": {"mask": 0.0, "topk": 0.0, "fft": 5e-4},
-        "warmup": "40/150",
-        "bn_reestimate": False,
-    },
+    "paper": {**_COMMON, "lr": {"mask": 50.0, "topk": 0.1, "fft": 1e-3}, "warmup": "40/150",
+              "bn_reestimate": False},
     # The default until the recipe study: the paper's raw score lr 50 with a 1-epoch warm-up and
     # BN re-estimation. Fine on digits (0.980 vs fft 0.987), 17.6 points under fft on cifar10-5k.
-    "lr50": {
-        "lr": {"mask": 50.0, "topk": 0.1, "fft": 0.01},
-        "head_lr": {"mask": 0.01, "topk": 0.01, "fft": None},
-        "weight_decay": {"mask": 0.0, "topk": 0.0, "fft": 5e-4},
-        "warmup": 1.0,
-        "bn_reestimate": True,
-    },
+    "lr50": {**_COMMON, "lr": {"mask": 50.0, "topk": 0.1, "fft": 0.01}},
 }
 
 # Fields that must match when resuming (the rest are runtime settings or may be extended).

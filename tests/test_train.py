@@ -168,7 +168,7 @@ def test_topk_keeps_fraction(tmp_path):
     assert r.metrics["active"] == pytest.approx(0.8, abs=0.01)
 
 
-def test_optimizer_sees_only_trainables_and_no_decay_on_scores(tmp_path):
+def test_optimizer_sees_only_trainables_and_no_decay_on_scores(tmp_path, lite0):
     seen = {}
 
     def grab(event, info):
@@ -180,17 +180,11 @@ def test_optimizer_sees_only_trainables_and_no_decay_on_scores(tmp_path):
     run(cfg(None, epochs=1, max_steps_per_epoch=1, weight_decay=0.1), callbacks=[grab])
     assert seen["groups"]["scores"][1] == 0.0 and seen["all_trainable"]
     assert set(seen["groups"]) == {"scores", "head", "weights"}  # weights: BN affine (default recipe)
-    n_bn = 2 * sum(1 for m in lite0_bns())
+    n_bn = 2 * sum(1 for m in lite0.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert seen["groups"]["weights"][0] == n_bn
     seen.clear()
     run(cfg(None, epochs=1, max_steps_per_epoch=1, train_bn_affine=False), callbacks=[grab])
     assert set(seen["groups"]) == {"scores", "head"}
-
-
-def lite0_bns():
-    from maskpack import load_backbone
-
-    return [m for m in load_backbone().model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
 
 
 def test_layer_filters(lite0):
@@ -268,7 +262,7 @@ def test_paper_recipe_defaults():
 
 def test_bn_reestimation_batches_span_the_classes(tmp_path):
     # ImageFolder stores images sorted by class: re-estimating BN on the first batches of that
-    # order would see one class only and skew every statistic (it cost fft 12 points on
+    # order would see one class only and skew every statistic (it cost fft 14 points on
     # cifar10-5k). The re-estimation order is a seeded shuffle, identical between evaluations.
     from PIL import Image
 
