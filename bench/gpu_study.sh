@@ -35,7 +35,8 @@ BNA="--set train_bn_affine=true --set bn_lr=0.01"
 NOBNA="--set train_bn_affine=false"
 SUP="$D --knn never --set eval_every=0 --set bn_reestimate_batches=16 --epochs 8"
 
-jobs() {  # NAME|ARGS, in priority order
+jobs() {  # NAME|ARGS, in priority order; LIST=2 is the second GPU session's list
+  if [ "${LIST:-1}" = 2 ]; then jobs2; return; fi
   cat <<EOF
 sw-ctrl|$SW $FZ $NOBNA --epochs 1 --set max_steps_per_epoch=1 --set head_only_epochs=1
 sw-fz-mlp|$SW $FZ $MLP $NOBNA --lr 0.001 --set head_only_epochs=1 --set swav_crops=[2,4]
@@ -67,6 +68,34 @@ def-16ep|$SUP --method mask --epochs 16
 sw-fz-mlp-c26|$SW $FZ $MLP $NOBNA --lr 0.001 --set head_only_epochs=1 --set swav_crops=[2,6]
 fft-s4|$SUP --method fft --seed 4
 def-s4|$SUP --method mask --seed 4
+EOF
+}
+
+# Second list: SwAV with milder augmentation (bench/swav_head.py: with the trainer's strong
+# augmentation the two views of one image are hardly closer than two images, and a head on the
+# frozen features cannot get below ln K), a linear projection at lr 1, 2 global crops only,
+# 2 head-only epochs; then the supervised runs the first list did not reach.
+MILD="--set swav_global_scale=[0.5,1.0] --set swav_jitter=0.4 --set swav_blur=false"
+SW2="$SW $MILD --head-lr 1.0 --set swav_crops=[2,0] --set head_only_epochs=2"
+jobs2() {
+  cat <<EOF
+sw2-fz-lin|$SW2 $FZ $NOBNA --lr 0.001
+sw2-tr-lin|$SW2 $NOBNA --lr 0.001
+sw2-fz-lin-bna|$SW2 $FZ $BNA --lr 0.001
+sw2-fz-lin-lr3e-4|$SW2 $FZ $NOBNA --lr 0.0003
+sw2-fz-lin-nojit|$SW2 $FZ $NOBNA --lr 0.001 --set swav_jitter=0
+fft-s0|$SUP --method fft --seed 0
+def-s0|$SUP --method mask --seed 0
+fft-64|$SUP --method fft --image-size 64
+def-64|$SUP --method mask --image-size 64
+fft-l2|$SUP --method fft --backbone efficientnet_lite2
+def-l2|$SUP --method mask --backbone efficientnet_lite2
+fft-s1|$SUP --method fft --seed 1
+def-s1|$SUP --method mask --seed 1
+fft-s2|$SUP --method fft --seed 2
+def-s2|$SUP --method mask --seed 2
+fft-16ep|$SUP --method fft --epochs 16
+def-16ep|$SUP --method mask --epochs 16
 EOF
 }
 
@@ -104,7 +133,7 @@ EOF
   echo "done $name rc=$rc $(( $(date +%s) - t0 )) s"
 }
 export -f one
-export PY OUTDIR DEADLINE JOB_TIMEOUT RESULTS HARD
+export PY OUTDIR DEADLINE JOB_TIMEOUT RESULTS HARD LIST
 
 case "$MODE" in
   smoke)

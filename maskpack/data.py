@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 DIGITS_TRAIN = 1400  # fixed split of the 1,797 digits: first 1,400 of a seed-0 permutation
 
@@ -264,23 +264,29 @@ class MultiCrop:
     """SwAV multi-crop: ``n_global`` crops at ``image_size`` and ``n_local`` small crops.
 
     Each crop: random-resized crop (scales (0.14, 1) global, (0.05, 0.14) local), flip, colour
-    jitter (0.8, 0.8, 0.8, 0.2) with p=0.8, grayscale p=0.2, Gaussian blur p=0.5, normalise.
-    Returns a list of tensors, global crops first.
+    jitter (s, s, s, s/4) with p=0.8 and grayscale p=0.2 (``jitter`` s = 0.8, SwAV's; 0 turns
+    both off), Gaussian blur p=0.5 (``blur``), normalise. Returns a list of tensors, global
+    crops first.
     """
 
     def __init__(self, image_size: int, mean, std, *, n_global: int = 2, n_local: int = 6,
                  global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), local_size: int | None = None,
-                 flip: bool = True):
+                 flip: bool = True, jitter: float = 0.8, blur: bool = True):
         from torchvision.transforms import v2
+
+        if not 0 <= jitter <= 1:
+            raise ConfigError(f"colour jitter strength {jitter} must be in [0, 1]")
 
         def pipe(size: int, scale) -> v2.Compose:
             k = max(3, (size // 10) | 1)  # odd blur kernel about a tenth of the crop
             ts = [v2.ToImage(), v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True)]
             if flip:
                 ts.append(v2.RandomHorizontalFlip())
-            ts += [v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
-                   v2.RandomGrayscale(p=0.2),
-                   v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5)]
+            if jitter:
+                ts += [v2.RandomApply([v2.ColorJitter(jitter, jitter, jitter, jitter / 4)], p=0.8),
+                       v2.RandomGrayscale(p=0.2)]
+            if blur:
+                ts.append(v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5))
             return v2.Compose(ts + _finish(mean, std))
 
         self.sizes = [image_size] * n_global + [local_size or local_crop_size(image_size)] * n_local

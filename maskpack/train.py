@@ -164,6 +164,8 @@ class TrainConfig:
     swav_global_scale: tuple[float, float] = (0.14, 1.0)
     swav_local_scale: tuple[float, float] = (0.05, 0.14)
     swav_local_size: int | None = None
+    swav_jitter: float = 0.8  # colour-jitter strength of every crop (0: no jitter, no grayscale)
+    swav_blur: bool = True  # Gaussian blur with p=0.5
     swav_queue_length: int = 1024
     swav_queue_start: float = 0.2  # fraction of the epochs
     swav_freeze_prototypes_iters: int | None = None  # None: min(313, total steps // 10)
@@ -280,6 +282,8 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"topk fraction must be in (0, 1], got {c.topk_k}")
     if c.swav_crops[0] < 2 and c.objective == "swav":
         raise ConfigError("SwAV needs at least 2 global crops")
+    if not 0.0 <= c.swav_jitter <= 1.0:
+        raise ConfigError(f"swav_jitter (colour-jitter strength) must be in [0, 1], got {c.swav_jitter}")
     rec = RECIPES[c.recipe]
     for key in ("lr", "head_lr", "weight_decay"):
         if getattr(c, key) is None:
@@ -520,7 +524,8 @@ class _Run:
         else:
             tf = MultiCrop(c.image_size, bb.mean, bb.std, n_global=c.swav_crops[0], n_local=c.swav_crops[1],
                            global_scale=c.swav_global_scale, local_scale=c.swav_local_scale,
-                           local_size=c.swav_local_size, flip=d.flip)
+                           local_size=c.swav_local_size, flip=d.flip, jitter=c.swav_jitter,
+                           blur=c.swav_blur)
         self.train_set = Augmented(d.train, tf, train_idx)
         if len(self.train_set) < 2:
             raise DataError(f"only {len(self.train_set)} training image(s) after the label fraction "

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from maskpack import data
-from maskpack.errors import DataError
+from maskpack.errors import ConfigError, DataError
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -159,3 +159,25 @@ def test_loader_batches_multicrop(tmp_path):
     crops, labels = next(iter(data.make_loader(ds, batch_size=4, sampler=s)))
     assert [tuple(c.shape) for c in crops] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 3
     assert labels.shape == (4,)
+
+
+def test_multicrop_strength_knobs():
+    from torchvision.transforms import v2
+
+    def kinds(mc):
+        out = set()
+        for t in mc.pipes[0].transforms:
+            inner = t.transforms if isinstance(t, v2.RandomApply) else [t]
+            out |= {type(x).__name__ for x in inner}
+        return out
+
+    strong = kinds(data.MultiCrop(16, MEAN, STD, n_local=0))
+    assert {"ColorJitter", "RandomGrayscale", "GaussianBlur"} <= strong
+    mild = kinds(data.MultiCrop(16, MEAN, STD, n_local=0, jitter=0.0, blur=False))
+    assert not {"ColorJitter", "RandomGrayscale", "GaussianBlur"} & mild
+    assert "RandomResizedCrop" in mild
+    jit = [t for t in data.MultiCrop(16, MEAN, STD, n_local=0, jitter=0.4).pipes[0].transforms
+           if isinstance(t, v2.RandomApply) and isinstance(t.transforms[0], v2.ColorJitter)]
+    assert jit and jit[0].transforms[0].brightness == (0.6, 1.4)
+    with pytest.raises(ConfigError, match="jitter"):
+        data.MultiCrop(16, MEAN, STD, jitter=1.5)

@@ -231,6 +231,7 @@ def test_label_fraction_and_subset(tmp_path):
     (dict(dataset="mnist"), DataError, "unknown dataset"),
     (dict(warmup="x"), ConfigError, "warm-up"),
     (dict(device="tpu"), ConfigError, "unknown device"),
+    (dict(objective="swav", swav_jitter=2.0), ConfigError, "swav_jitter"),
 ])
 def test_bad_options(kw, err, msg):
     with pytest.raises(err, match=msg):
