@@ -52,6 +52,14 @@ R[swav-ho-8]="${SW[*]} --recipe normalized --lr 0.001 --head-lr 0.1 --set train_
 # BN in train mode (batch statistics as in normal SwAV, re-estimated on clean images before the
 # k-NN), conv head never masked, 2+2 crops
 R[swav-bntrain-8]="--objective swav --method mask --knn end --set swav_crops=[2,2] --set swav_global_scale=[0.3,1.0] --set swav_prototypes=100 --recipe normalized --lr 0.001 --head-lr 0.1 --set train_bn_affine=false --set head_only_epochs=1 --mask-layers re:_blocks ${E8[*]}"
+# SwAV that learns (GPU study, bench/gpu_study.sh LIST=2): milder augmentation, 2 global crops,
+# linear projection at lr 1, 2 head-only epochs, BN in train mode (re-estimated before the k-NN)
+SW2=(--objective swav --method mask --knn epoch --recipe normalized --head-lr 1.0 --set swav_prototypes=100
+     --set swav_crops=[2,0] --set swav_global_scale=[0.5,1.0] --set swav_jitter=0.4 --set swav_blur=false
+     --set head_only_epochs=2 --set train_bn_affine=false)
+R[sw2-tr-8]="${SW2[*]} --lr 0.001 ${E8[*]} ${EXTRA:-}"
+R[sw2-tr-8-lr2e-3]="${SW2[*]} --lr 0.002 ${E8[*]} ${EXTRA:-}"
+R[sw2-tr-16]="${SW2[*]} --lr 0.001 --epochs 16 ${EXTRA:-}"
 R[swav-smoke]="${SW[*]} --recipe normalized --lr 0.002 --head-lr 0.1 --set bn_lr=0.01 --epochs 1 --set max_steps_per_epoch=6"
 R[head-S2]="--method mask --lr 50 --warmup 1 --head-lr 0.01 --set head_only_epochs=2 ${S2[*]}"
 for name in "$@"; do

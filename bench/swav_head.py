@@ -120,8 +120,8 @@ def main() -> None:
         t = time.perf_counter()
         f = cache(net, data, transform(32, bb.mean, bb.std, **akw), args.passes)
         same, other = view_similarity(f)
-        print(json.dumps({"aug": aname, "cache_s": round(time.perf_counter() - t), "cos_same_image": round(same, 3),
-                          "cos_other_image": round(other, 3)}), flush=True)
+        print(json.dumps({"aug": aname, "cache_s": round(time.perf_counter() - t),
+                          "cos_same_image": round(same, 3), "cos_other_image": round(other, 3)}), flush=True)
         for hname, hkw in heads.items():
             losses = train_head(f, **hkw)
             print(json.dumps({"aug": aname, "head": hname, "ln_K": round(math.log(hkw["prototypes"]), 4),

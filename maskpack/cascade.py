@@ -383,7 +383,9 @@ def _expert_config(disp, indices: list[int], steps: int, seed: int):
     warm = None  # same fraction of the schedule as the dispatcher's warm-up
     if isinstance(disp.warmup, (int, float)):
         warm = float(disp.warmup) / max(disp.epochs, 1) * epochs
+    # the expert starts from the dispatcher's trained SwAV head: no head-only phase
     return dataclasses.replace(disp, train_indices=list(indices), epochs=epochs, warmup=warm,
+                               head_only_epochs=0.0,
                                eval_every=0, eval_knn="never", probe=False, stop_after=None,
                                resume=False, seed=seed), epochs * per_epoch
 

@@ -88,17 +88,38 @@ _NORMALIZED: dict[str, Any] = {
     "train_bn_affine": {"mask": True, "topk": False, "fft": False},
 }
 
-# Named defaults for knobs left at None. Per-method values are dicts keyed by method.
+# SwAV knobs (objective "swav"): the SwAV paper's settings, which the Self-Masking paper used.
+_SWAV_PAPER: dict[str, Any] = {
+    "swav_prototypes": 500, "swav_crops": (2, 6), "swav_global_scale": (0.14, 1.0),
+    "swav_jitter": 0.8, "swav_blur": True, "head_only_epochs": 0.0,
+}
+# What works for small images (GPU study, docs/recipe-study.md "SwAV at 32 px"): with the paper's
+# augmentation two views of a 32 px image are hardly closer in Lite0's feature space than two
+# different images (cosine 0.27 vs 0.14), so no head gets below ln(K) and the masks take the
+# shortcut to a constant output. Milder crops and jitter, no blur, two global crops, a linear
+# projection at lr 1, 100 prototypes, the scores frozen for the first quarter of the epochs
+# (the head learns first) and BN in train mode: the loss falls steadily and k-NN rises
+# (0.359 -> 0.399 in 8 epochs on cifar10-5k, from the same BN statistics).
+_SWAV_SMALL: dict[str, Any] = {
+    "swav_prototypes": 100, "swav_crops": (2, 0), "swav_global_scale": (0.5, 1.0),
+    "swav_jitter": 0.4, "swav_blur": False, "head_only_epochs": "1/4",
+    "lr": {"mask": 0.001}, "head_lr": {"mask": 1.0, "topk": 1.0}, "train_bn_affine": {"mask": False},
+}
+
+# Named defaults for knobs left at None. Per-method values are dicts keyed by method; "swav"
+# holds the SwAV objective's own (per-method dicts there fall back to the recipe's when a
+# method is missing).
 RECIPES: dict[str, dict[str, Any]] = {
-    "default": _NORMALIZED,
-    "normalized": _NORMALIZED,  # the study's name for it (configs written before it became default)
+    "default": {**_NORMALIZED, "swav": _SWAV_SMALL},
+    # the study's name for it (configs written before it became the default)
+    "normalized": {**_NORMALIZED, "swav": _SWAV_SMALL},
     # The paper's recipe (Warmerdam et al.): lr 50, S0 = 1, mu = 0, BN in train mode, a linear
     # warm-up of 40/150 of the schedule, no BN re-estimation.
     "paper": {**_COMMON, "lr": {"mask": 50.0, "topk": 0.1, "fft": 1e-3}, "warmup": "40/150",
-              "bn_reestimate": False},
+              "bn_reestimate": False, "swav": _SWAV_PAPER},
     # The default until the recipe study: the paper's raw score lr 50 with a 1-epoch warm-up and
     # BN re-estimation. Fine on digits (0.980 vs fft 0.987), 17.6 points under fft on cifar10-5k.
-    "lr50": {**_COMMON, "lr": {"mask": 50.0, "topk": 0.1, "fft": 0.01}},
+    "lr50": {**_COMMON, "lr": {"mask": 50.0, "topk": 0.1, "fft": 0.01}, "swav": _SWAV_PAPER},
 }
 
 # Fields that must match when resuming (the rest are runtime settings or may be extended).
@@ -132,7 +153,7 @@ class TrainConfig:
     momentum: float = 0.9
     warmup: float | str | None = None  # epochs (fractional ok) or "a/b" of the epochs
     schedule: str = "cosine"  # cosine | constant
-    head_only_epochs: float = 0.0  # train only the head first (scores frozen)
+    head_only_epochs: float | str | None = None  # head first, scores frozen: epochs or 'a/b' of them
     # data
     image_size: int | None = None  # default: the dataset's size, capped at the backbone's
     labels: float = 1.0  # fraction of training labels (supervised training, k-NN/probe bank)
@@ -156,16 +177,16 @@ class TrainConfig:
     # SwAV
     swav_dim: int = 128
     swav_hidden: int = 0
-    swav_prototypes: int = 500
+    swav_prototypes: int | None = None  # None: the recipe's (default 100, paper 500)
     swav_temperature: float = 0.1
     swav_epsilon: float = 0.05
     swav_sinkhorn_iters: int = 3
-    swav_crops: tuple[int, int] = (2, 6)
-    swav_global_scale: tuple[float, float] = (0.14, 1.0)
+    swav_crops: tuple[int, int] | None = None  # (global, local); default (2, 0), paper (2, 6)
+    swav_global_scale: tuple[float, float] | None = None  # default (0.5, 1), paper (0.14, 1)
     swav_local_scale: tuple[float, float] = (0.05, 0.14)
     swav_local_size: int | None = None
-    swav_jitter: float = 0.8  # colour-jitter strength of every crop (0: no jitter, no grayscale)
-    swav_blur: bool = True  # Gaussian blur with p=0.5
+    swav_jitter: float | None = None  # colour-jitter strength (0: none, no grayscale); default 0.4, paper 0.8
+    swav_blur: bool | None = None  # Gaussian blur with p=0.5; default off, paper on
     swav_queue_length: int = 1024
     swav_queue_start: float = 0.2  # fraction of the epochs
     swav_freeze_prototypes_iters: int | None = None  # None: min(313, total steps // 10)
@@ -241,18 +262,19 @@ Callback = Callable[[str, dict[str, Any]], None]
 # ----------------------------------------------------------------------------- config
 
 
-def _parse_warmup(value: float | str, epochs: int) -> float:
+def _parse_warmup(value: float | str, epochs: int, what: str = "warm-up") -> float:
+    """Epochs from ``1.5`` or ``'1.5'``, or a fraction ``'a/b'`` of ``epochs``."""
     if isinstance(value, str):
         if "/" in value:
             a, _, b = value.partition("/")
             try:
                 return epochs * float(a) / float(b)
             except (ValueError, ZeroDivisionError) as exc:
-                raise ConfigError(f"warm-up {value!r}: use epochs (1.5) or a fraction 'a/b'") from exc
+                raise ConfigError(f"{what} {value!r}: use epochs (1.5) or a fraction 'a/b'") from exc
         try:
             return float(value)
         except ValueError as exc:
-            raise ConfigError(f"warm-up {value!r}: use epochs (1.5) or a fraction 'a/b'") from exc
+            raise ConfigError(f"{what} {value!r}: use epochs (1.5) or a fraction 'a/b'") from exc
     return float(value)
 
 
@@ -280,11 +302,22 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     check_fraction(c.labels)
     if c.method == "topk" and not 0.0 < c.topk_k <= 1.0:
         raise ConfigError(f"topk fraction must be in (0, 1], got {c.topk_k}")
+    rec = RECIPES[c.recipe]
+    # SwAV's own defaults first (they may set lr / head_lr per method), then the paper's SwAV
+    # values for whatever is still open (irrelevant to supervised runs, but stored and compared)
+    swav = rec.get("swav", {}) if c.objective == "swav" else {}
+    for key, v in {**_SWAV_PAPER, **swav}.items():
+        if isinstance(v, dict):
+            v = v.get(c.method)
+        if getattr(c, key) is None and v is not None:
+            setattr(c, key, tuple(v) if isinstance(v, list) else v)
+    c.head_only_epochs = _parse_warmup(c.head_only_epochs, c.epochs, "head_only_epochs")
+    if c.head_only_epochs < 0:
+        raise ConfigError(f"head_only_epochs must be >= 0, got {c.head_only_epochs}")
     if c.swav_crops[0] < 2 and c.objective == "swav":
         raise ConfigError("SwAV needs at least 2 global crops")
     if not 0.0 <= c.swav_jitter <= 1.0:
         raise ConfigError(f"swav_jitter (colour-jitter strength) must be in [0, 1], got {c.swav_jitter}")
-    rec = RECIPES[c.recipe]
     for key in ("lr", "head_lr", "weight_decay"):
         if getattr(c, key) is None:
             setattr(c, key, rec[key][c.method])
@@ -873,7 +906,7 @@ def _check_resume(config: TrainConfig, ckpt: dict[str, Any]) -> None:
     saved = json.loads(ckpt["config"])
     new = config.to_dict()
     for key in _RESUME_FIXED:
-        if key == "image_size" and new.get(key) is None:
+        if new.get(key) is None:  # left open: taken from the run (see _Run)
             continue
         if new.get(key) != saved.get(key):
             raise ConfigError(f"--resume with a different {key} ({new.get(key)!r}) than the run was "

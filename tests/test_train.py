@@ -261,6 +261,29 @@ def test_paper_recipe_defaults():
     assert d.lr == 0.01 and d.head_lr == 0.01 and d.weight_decay == 5e-4
 
 
+def test_swav_recipe_defaults():
+    # default: the small-image SwAV that learns (recipe study); paper: SwAV's own settings;
+    # explicit values always win; supervised runs keep no head-only phase
+    from maskpack.train import resolve_config
+
+    d = resolve_config(TrainConfig(objective="swav", epochs=8))
+    assert (d.swav_crops, d.swav_global_scale, d.swav_prototypes) == ((2, 0), (0.5, 1.0), 100)
+    assert (d.swav_jitter, d.swav_blur, d.head_only_epochs) == (0.4, False, 2.0)
+    assert (d.lr, d.head_lr, d.train_bn_affine, d.score_grad_norm) == (0.001, 1.0, False, True)
+    p = resolve_config(TrainConfig(objective="swav", recipe="paper", epochs=8))
+    assert (p.swav_crops, p.swav_global_scale, p.swav_prototypes) == ((2, 6), (0.14, 1.0), 500)
+    assert (p.swav_jitter, p.swav_blur, p.head_only_epochs, p.lr) == (0.8, True, 0.0, 50.0)
+    e = resolve_config(TrainConfig(objective="swav", epochs=8, swav_crops=(2, 4), lr=0.002,
+                                   head_only_epochs="1/8", swav_jitter=0.0))
+    assert (e.swav_crops, e.lr, e.head_only_epochs, e.swav_jitter) == ((2, 4), 0.002, 1.0, 0.0)
+    s = resolve_config(TrainConfig(epochs=8))
+    assert s.head_only_epochs == 0.0 and s.lr == 0.002 and s.train_bn_affine
+    f = resolve_config(TrainConfig(objective="swav", method="fft"))
+    assert f.lr == 0.01 and f.head_lr == 0.01
+    with pytest.raises(ConfigError, match="head_only_epochs"):
+        resolve_config(TrainConfig(head_only_epochs="x/y"))
+
+
 def test_bn_reestimation_batches_span_the_classes(tmp_path):
     # ImageFolder stores images sorted by class: re-estimating BN on the first batches of that
     # order would see one class only and skew every statistic (it cost fft 14 points on

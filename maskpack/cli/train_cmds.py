@@ -52,16 +52,18 @@ def _slug(text: str) -> str:
 @click.option("--method", type=click.Choice(["mask", "topk", "fft"]), default="mask", show_default=True,
               help="mask: scores > 0 (the paper); topk: keep the top fraction; fft: full fine-tuning.")
 @click.option("--recipe", default="default", show_default=True,
-              help="Named defaults for lr, head lr, warm-up, BN: default (masks: per-tensor normalised "
-                   "score updates at lr 0.002 + BN weight/bias trained; docs/recipe-study.md), paper "
-                   "(the paper's: raw score lr 50, 40/150 warm-up), lr50 (the former default).")
+              help="Named defaults for lr, head lr, warm-up, BN and SwAV views: default (masks: "
+                   "per-tensor normalised score updates at lr 0.002 + BN weight/bias trained; SwAV: "
+                   "small-image views and head, docs/training.md; docs/recipe-study.md), paper (the "
+                   "paper's: raw score lr 50, 40/150 warm-up, SwAV's own views), lr50 (the former "
+                   "default).")
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--lr", type=float, default=None,
-              help="Score lr for masks (default 0.002 on normalised gradients; paper: 50) or weight lr for "
-                   "fft (0.01).")
+              help="Score lr for masks (default 0.002 on normalised gradients, SwAV 0.001; paper: 50) "
+                   "or weight lr for fft (0.01).")
 @click.option("--head-lr", type=float, default=None,
-              help="Head / SwAV projection lr (default 0.01; fft: --lr).")
+              help="Head / SwAV projection lr (default 0.01; SwAV masks 1.0; fft: --lr).")
 @click.option("--weight-decay", type=float, default=None, help="fft only (default 5e-4); never on scores.")
 @click.option("--warmup", default=None, help="Linear warm-up: epochs (fractional ok) or 'a/b' of them.")
 @click.option("--image-size", type=int, default=None,
