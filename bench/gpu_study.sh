@@ -2,14 +2,17 @@
 # Recipe study on one GPU (issue 5): many short `maskpack train` runs side by side on one card.
 #
 # Usage (repository root; the data set as an ImageFolder under DATA):
-#   bash bench/gpu_study.sh smoke     # CUDA sanity: bench/gpu_check.sh + a few steps of each path
-#   bash bench/gpu_study.sh sweep     # the study's runs, PAR at a time, until DEADLINE seconds
-#   DEVICE=cpu PAR=2 SMOKE_STEPS=2 bash bench/gpu_study.sh sweep   # dry run of the job list on a CPU
-# Env: DATA (.devdata/cifar10-5k), OUTDIR (runs/gpu-study), RESULTS ($OUTDIR/results.jsonl), PAR (5), DEADLINE (400; no job starts
-# after it), JOB_TIMEOUT (420), HARD (0: none; else every job is stopped
-# HARD seconds after the sweep starts, its epochs so far kept), PY (python3 or .venv/bin/python), ONLY (regex on job names).
-# Each finished job appends one line to $OUTDIR/results.jsonl (name, seconds, rc, last metrics
-# row, final result); per-epoch rows stay in $OUTDIR/NAME/metrics.jsonl.
+#   bash bench/gpu_study.sh smoke          # CUDA sanity: bench/gpu_check.sh + a few steps of each path
+#   bash bench/gpu_study.sh sweep          # the first list, PAR runs at a time
+#   LIST=2 bash bench/gpu_study.sh sweep   # the second list (milder SwAV views; supervised seeds, 64 px, Lite2)
+#   DEVICE=cpu PAR=2 ONLY='def-s0' EXTRA='--epochs 1' bash bench/gpu_study.sh sweep   # dry run on a CPU
+# Env: DATA (.devdata/cifar10-5k), OUTDIR (runs/gpu-study), RESULTS ($OUTDIR/results.jsonl),
+#   PAR (5), DEADLINE (400: no job starts after it), JOB_TIMEOUT (420), HARD (0: none; else every
+#   job is stopped HARD seconds after the sweep starts, its epochs so far kept), PY (python3 or
+#   .venv/bin/python), ONLY (regex on job names), EXTRA (options appended to every job), LIST.
+# Each finished job appends one line to $RESULTS (name, seconds, rc, every epoch's metrics row,
+# final result). The lists as run on an H200 and their results: docs/results/gpu-study-{1,2}.jsonl
+# (the machine had Lite0/Lite2 and the codec packages as wheels, the data under .devdata/).
 set -uo pipefail
 set -f  # job arguments hold brackets ([2,4]): no globbing
 cd "$(dirname "$0")/.."
