@@ -22,21 +22,14 @@ import torch
 from torch import nn
 
 from maskpack.backbones import load_backbone
-from maskpack.data import load_dataset
+from maskpack.data import MultiCrop, load_dataset
 from maskpack.objectives import SwAVObjective
 
 
 def transform(size: int, mean, std, *, scale, jitter: float, blur: bool):
-    from torchvision.transforms import v2
-
-    ts = [v2.ToImage(), v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip()]
-    if jitter:
-        ts += [v2.RandomApply([v2.ColorJitter(jitter, jitter, jitter, jitter / 4)], p=0.8),
-               v2.RandomGrayscale(p=0.2)]
-    if blur:
-        ts.append(v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 2.0))], p=0.5))
-    ts += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    return v2.Compose(ts)
+    """One global crop of the trainer's SwAV multi-crop with these settings."""
+    return MultiCrop(size, mean, std, n_global=1, n_local=0, global_scale=scale, jitter=jitter,
+                     blur=blur).pipes[0]
 
 
 @torch.no_grad()
@@ -89,7 +82,7 @@ def train_head(feats: torch.Tensor, *, prototypes: int, hidden: int, lr: float, 
             loss.backward()
             obj.after_backward(step)
             opt.step()
-            tot += float(loss)
+            tot += float(loss.detach())
             step += 1
         losses.append(round(tot / steps, 4))
     return losses

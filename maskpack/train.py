@@ -262,7 +262,7 @@ Callback = Callable[[str, dict[str, Any]], None]
 # ----------------------------------------------------------------------------- config
 
 
-def _parse_warmup(value: float | str, epochs: int, what: str = "warm-up") -> float:
+def _parse_epochs(value: float | str, epochs: int, what: str = "warm-up") -> float:
     """Epochs from ``1.5`` or ``'1.5'``, or a fraction ``'a/b'`` of ``epochs``."""
     if isinstance(value, str):
         if "/" in value:
@@ -302,16 +302,17 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     check_fraction(c.labels)
     if c.method == "topk" and not 0.0 < c.topk_k <= 1.0:
         raise ConfigError(f"topk fraction must be in (0, 1], got {c.topk_k}")
-    rec = RECIPES[c.recipe]
-    # SwAV's own defaults first (they may set lr / head_lr per method), then the paper's SwAV
-    # values for whatever is still open (irrelevant to supervised runs, but stored and compared)
-    swav = rec.get("swav", {}) if c.objective == "swav" else {}
+    # One table of defaults: the recipe's, with the SwAV knobs (the paper's SwAV values, which
+    # supervised runs store but never use) and, for SwAV runs, the recipe's SwAV overrides merged
+    # in (per-method dicts override only the methods they name).
+    rec = {k: v for k, v in RECIPES[c.recipe].items() if k != "swav"}
+    swav = RECIPES[c.recipe].get("swav", {}) if c.objective == "swav" else {}
     for key, v in {**_SWAV_PAPER, **swav}.items():
-        if isinstance(v, dict):
-            v = v.get(c.method)
-        if getattr(c, key) is None and v is not None:
-            setattr(c, key, tuple(v) if isinstance(v, list) else v)
-    c.head_only_epochs = _parse_warmup(c.head_only_epochs, c.epochs, "head_only_epochs")
+        rec[key] = {**rec.get(key, {}), **v} if isinstance(v, dict) else v
+    for key in _SWAV_PAPER:
+        if getattr(c, key) is None:
+            setattr(c, key, rec[key])
+    c.head_only_epochs = _parse_epochs(c.head_only_epochs, c.epochs, "head_only_epochs")
     if c.head_only_epochs < 0:
         raise ConfigError(f"head_only_epochs must be >= 0, got {c.head_only_epochs}")
     if c.swav_crops[0] < 2 and c.objective == "swav":
@@ -325,7 +326,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         c.head_lr = c.lr
     if c.warmup is None:
         c.warmup = rec["warmup"]
-    c.warmup = _parse_warmup(c.warmup, c.epochs)
+    c.warmup = _parse_epochs(c.warmup, c.epochs)
     if c.warmup < 0:
         raise ConfigError(f"warm-up must be >= 0 epochs, got {c.warmup}")
     if c.bn_reestimate is None:
