@@ -153,7 +153,7 @@ class TrainConfig:
     momentum: float = 0.9
     warmup: float | str | None = None  # epochs (fractional ok) or "a/b" of the epochs
     schedule: str = "cosine"  # cosine | constant
-    head_only_epochs: float | str | None = None  # head first, scores frozen: epochs or 'a/b' of them
+    head_only_epochs: float | str | None = None  # head first, backbone frozen: epochs or 'a/b' of them
     # data
     image_size: int | None = None  # default: the dataset's size, capped at the backbone's
     labels: float = 1.0  # fraction of training labels (supervised training, k-NN/probe bank)
@@ -663,6 +663,8 @@ class _Run:
                 self.groups.append(g)
         self.optimizer = torch.optim.SGD(self.groups, lr=c.lr, momentum=c.momentum)
         self.score_params = [p for p in groups["scores"]["params"]]
+        # the head-only phase holds everything but the head: scores, BN weight/bias, fft weights
+        self.backbone_params = self.score_params + list(groups["weights"]["params"])
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -812,7 +814,7 @@ class _Run:
                     if p.grad is not None:
                         p.grad.div_(p.grad.abs().mean().clamp_min(1e-12))
             if self.step < self.head_only_steps:
-                for p in self.score_params:
+                for p in self.backbone_params:
                     p.grad = None
             self.optimizer.step()
             bs = batch[1].shape[0]

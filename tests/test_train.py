@@ -163,6 +163,30 @@ def test_fft_resume_identical(tmp_path):
         assert torch.equal(t, res.extras[name]), name
 
 
+@pytest.mark.parametrize("method", ["fft", "mask"])
+def test_head_only_phase_freezes_the_backbone(tmp_path, method):
+    # head_only_epochs covering the whole run: the head moves; scores, BN weight/bias and fft
+    # weights stay exactly where they started (BN running statistics may still update)
+    from maskpack import load_backbone
+
+    r = run(cfg(tmp_path, epochs=2, method=method, head_only_epochs=2, train_bn_affine=True,
+                bn_lr=0.1, head_lr=0.1, save_task=False))
+    start = load_backbone().model.state_dict()
+    moved = []
+    for name, t in r.extras.items():
+        if name.startswith("head."):
+            continue
+        key = name.removeprefix("backbone.")
+        if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            continue
+        assert torch.equal(t, start[key]), name
+        moved.append(name)
+    assert moved  # BN weight/bias (mask) or every weight (fft) were checked
+    assert all(bool((s == r.config.score_init).all()) for s in r.scores.values())
+    losses = [h["loss"] for h in r.history]
+    assert losses[-1] < losses[0], losses  # the head learned meanwhile
+
+
 def test_topk_keeps_fraction(tmp_path):
     r = run(cfg(None, epochs=1, method="topk", topk_k=0.8))
     assert r.metrics["active"] == pytest.approx(0.8, abs=0.01)
