@@ -127,16 +127,26 @@ def head_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(1) == torch.as_tensor(labels)).float().mean())
 
 
+def last_bn_name(model: nn.Module) -> str | None:
+    """Name of the last BatchNorm layer in module order (Lite0 / Lite2: the conv head's ``_bn1``,
+    which normalises the pre-activations of the pooled features), or None without BN."""
+    names = [n for n, m in model.named_modules() if isinstance(m, _BN)]
+    return names[-1] if names else None
+
+
 @torch.no_grad()
 def reestimate_bn_(model: nn.Module, loader, *, device: str | torch.device = "cpu",
-                   max_batches: int = 100, amp: bool = True) -> int:
+                   max_batches: int = 100, amp: bool = True,
+                   only: Sequence[nn.Module] | None = None) -> int:
     """Recompute BatchNorm running statistics as a cumulative average over ``loader`` (in place).
 
-    Only BN layers run in train mode; everything else stays in eval mode. Returns the number of
-    batches used (0 when the model has no BatchNorm).
+    Only the BN layers being re-estimated run in train mode (all of them, or those in ``only``);
+    everything else stays in eval mode. Returns the number of batches used (0 when there is no
+    BatchNorm to re-estimate).
     """
     device = torch.device(device)
-    bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
+    pool = list(model.modules()) if only is None else list(only)
+    bns = [m for m in pool if isinstance(m, _BN) and m.track_running_stats]
     if not bns:
         return 0
     was_training = model.training

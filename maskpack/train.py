@@ -56,6 +56,7 @@ from .evaluate import (
     evaluate_features,
     extract_features,
     head_accuracy,
+    last_bn_name,
     load_bn_state_,
     reestimate_bn_,
     resolve_device,
@@ -65,6 +66,11 @@ from .objectives import SupervisedObjective, SwAVObjective, queue_from_global, q
 
 CHECKPOINT_VERSION = 1
 METHODS = ("mask", "topk", "fft")
+# train: every BN layer uses batch statistics while training (re-estimated before evaluation);
+# frozen: every BN layer stays in eval mode with the backbone's statistics; head: only the last
+# BN layer (the one before the pooled features) trains and is re-estimated, the rest keep the
+# backbone's statistics (recipe study, issue 5: frozen Lite0 at 32 px k-NN 0.405 -> 0.494)
+BN_MODES = ("train", "frozen", "head")
 OBJECTIVES = ("supervised", "swav")
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -74,6 +80,7 @@ _COMMON: dict[str, Any] = {
     "weight_decay": {"mask": 0.0, "topk": 0.0, "fft": 5e-4},
     "warmup": 1.0,
     "bn_reestimate": True,
+    "bn_mode": "train",
 }
 # Per-tensor normalised score updates (recipe study, docs/recipe-study.md): Lite0's score gradients
 # span ~600x across layers, so one raw lr (the paper's 50) wrecks the first layers while the last
@@ -167,7 +174,7 @@ class TrainConfig:
     scale: bool = True
     detach_alpha: bool = False
     # batch norm
-    bn_mode: str = "train"  # train: running stats update; frozen: BN kept in eval mode
+    bn_mode: str | None = None  # train | frozen | head (BN_MODES); None: the recipe's
     bn_reestimate: bool | None = None  # re-estimate BN stats on clean train images before eval/save
     bn_reestimate_batches: int = 100
     train_bn_affine: bool | None = None  # masks: also train BN weight/bias (saved as extras); None: recipe
@@ -287,8 +294,6 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"unknown method {c.method!r}: use one of {', '.join(METHODS)}")
     if c.objective not in OBJECTIVES:
         raise ConfigError(f"unknown objective {c.objective!r}: use one of {', '.join(OBJECTIVES)}")
-    if c.bn_mode not in ("train", "frozen"):
-        raise ConfigError(f"unknown BN mode {c.bn_mode!r}: use 'train' or 'frozen'")
     if c.schedule not in ("cosine", "constant"):
         raise ConfigError(f"unknown schedule {c.schedule!r}: use 'cosine' or 'constant'")
     if c.eval_knn not in ("never", "end", "epoch"):
@@ -331,6 +336,10 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"warm-up must be >= 0 epochs, got {c.warmup}")
     if c.bn_reestimate is None:
         c.bn_reestimate = rec["bn_reestimate"]
+    if c.bn_mode is None:
+        c.bn_mode = rec["bn_mode"]
+    if c.bn_mode not in BN_MODES:
+        raise ConfigError(f"unknown BN mode {c.bn_mode!r}: use one of {', '.join(BN_MODES)}")
     for key in ("score_grad_norm", "train_bn_affine"):
         if getattr(c, key) is None:
             v = rec.get(key, False)
@@ -509,6 +518,10 @@ class _Run:
     def _build_model(self, init_scores) -> None:
         c = self.config
         net = self.backbone.copy_model()
+        self.head_bn_name = last_bn_name(net)
+        if c.bn_mode == "head" and self.head_bn_name is None:
+            raise ConfigError(f"--bn-mode head: backbone {c.backbone!r} has no BatchNorm layer; "
+                              "use --bn-mode train or frozen")
         self.masked = c.method in ("mask", "topk")
         if self.masked:
             masking.apply_masks_(net, layer_filter(c.mask_layers, net), mask_bias=c.mask_bias,
@@ -768,13 +781,20 @@ class _Run:
         for cb in self.callbacks:
             cb(event, {"run": self, **info})
 
+    def _head_bn(self) -> list[nn.Module]:
+        """``--bn-mode head``: the backbone's last BN layer (looked up by name: SyncBatchNorm
+        conversion replaces the module)."""
+        return [self.model.backbone.get_submodule(self.head_bn_name)]
+
     def _set_train_mode(self) -> None:
         self.model.train()
         self.objective.train()
-        if self.config.bn_mode == "frozen":
+        if self.config.bn_mode in ("frozen", "head"):
             for m in self.model.modules():
                 if isinstance(m, _BN):
                     m.eval()
+        if self.config.bn_mode == "head":
+            self._head_bn()[0].train()
 
     def _to_device(self, batch):
         x, y = batch
@@ -860,7 +880,8 @@ class _Run:
             if not final:
                 saved = bn_state(self.model)
             reestimate_bn_(self.model, self.bn_loader, device=self.device,
-                           max_batches=c.bn_reestimate_batches, amp=c.amp)
+                           max_batches=c.bn_reestimate_batches, amp=c.amp,
+                           only=self._head_bn() if c.bn_mode == "head" else None)
         out: dict[str, Any] = {}
         has_head = c.objective == "supervised"
         want_knn = c.eval_knn == "epoch" or (final and c.eval_knn == "end")

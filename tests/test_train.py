@@ -239,6 +239,30 @@ def test_init_scores_and_bn_frozen(tmp_path):
     assert torch.equal(second.model.backbone._bn0.running_mean, seen["bn"])  # frozen BN: unchanged
 
 
+def test_bn_mode_head_adapts_only_the_last_bn(tmp_path):
+    # --bn-mode head: only the conv head's BN (_bn1) runs in train mode and is re-estimated;
+    # every other BN layer keeps the backbone's statistics
+    from maskpack import load_backbone
+
+    modes = {}
+
+    def grab(event, info):
+        if event == "step_end" and not modes:
+            bb = info["run"].model.backbone
+            modes.update({n: m.training for n, m in bb.named_modules()
+                          if isinstance(m, torch.nn.BatchNorm2d)})
+
+    r = run(cfg(None, epochs=1, bn_mode="head", head_lr=0.1), callbacks=[grab])
+    assert [n for n, t in modes.items() if t] == ["_bn1"] and len(modes) > 40
+    start = load_backbone().model.state_dict()
+    bb = r.model.backbone.state_dict()
+    for n in modes:
+        same = torch.equal(bb[f"{n}.running_mean"], start[f"{n}.running_mean"])
+        assert same == (n != "_bn1"), n
+    with pytest.raises(ConfigError, match="BN mode"):
+        run(cfg(None, bn_mode="heads"))
+
+
 def test_label_fraction_and_subset(tmp_path):
     seen = {}
     run(cfg(None, epochs=1, labels=0.5, max_steps_per_epoch=1),

@@ -73,8 +73,10 @@ def _slug(text: str) -> str:
               help="Weights to mask: all, pointwise, no-depthwise, no-stem, joined by '+', or re:REGEX.")
 @click.option("--topk", type=float, default=0.9, show_default=True, help="Fraction kept by --method topk.")
 @click.option("--detach-alpha", is_flag=True, help="Stop the gradient through alpha = sqrt(mean(M)).")
-@click.option("--bn-mode", type=click.Choice(["train", "frozen"]), default="train", show_default=True,
-              help="train: BN statistics update during training; frozen: BN stays in eval mode.")
+@click.option("--bn-mode", type=click.Choice(["train", "frozen", "head"]), default=None,
+              help="train: BN statistics update during training; frozen: BN stays in eval mode; "
+                   "head: only the last BN layer (before the pooled features) updates. "
+                   "[default: the recipe's]")
 @click.option("--bn-reestimate/--no-bn-reestimate", default=None,
               help="Re-estimate BN statistics on clean training images before evaluating and saving.")
 @click.option("--sync-bn", is_flag=True,
