@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=16)
     ap.add_argument("--policy", action="append", required=True,
                     help="NAME=REGEX of BN layer names to re-estimate (empty: none)")
+    ap.add_argument("--probe", action="store_true", help="also fit the logistic-regression probe")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -73,7 +74,7 @@ def main() -> None:
         model.eval()
         f_tr, y_tr = extract_features(model, tr)
         f_te, y_te = extract_features(model, te)
-        res = evaluate_features(f_tr, y_tr, f_te, y_te, probe=False, num_classes=data.num_classes)
+        res = evaluate_features(f_tr, y_tr, f_te, y_te, probe=args.probe, num_classes=data.num_classes)
         res.update(policy=name, regex=pattern, layers=len(chosen),
                    zero_frac=round(float((f_te == 0).float().mean()), 4),
                    seconds=round(time.perf_counter() - t0, 1))
