@@ -81,6 +81,7 @@ _COMMON: dict[str, Any] = {
     "warmup": 1.0,
     "bn_reestimate": True,
     "bn_mode": "train",
+    "mask_layers": "all",
 }
 # Per-tensor normalised score updates (recipe study, docs/recipe-study.md): Lite0's score gradients
 # span ~600x across layers, so one raw lr (the paper's 50) wrecks the first layers while the last
@@ -166,7 +167,7 @@ class TrainConfig:
     labels: float = 1.0  # fraction of training labels (supervised training, k-NN/probe bank)
     train_indices: list[int] | None = None  # train on a subset of the train split
     # masking
-    mask_layers: str = "all"  # see LAYER_FILTERS, or "re:REGEX" on parameter names
+    mask_layers: str | None = None  # see layer_filter (LAYER_FILTERS, no-stem, last, re:REGEX); None: recipe
     mask_bias: bool = False
     score_init: float = 1.0
     threshold: float = 0.0
@@ -338,6 +339,8 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         c.bn_reestimate = rec["bn_reestimate"]
     if c.bn_mode is None:
         c.bn_mode = rec["bn_mode"]
+    if c.mask_layers is None:
+        c.mask_layers = rec["mask_layers"]
     if c.bn_mode not in BN_MODES:
         raise ConfigError(f"unknown BN mode {c.bn_mode!r}: use one of {', '.join(BN_MODES)}")
     for key in ("score_grad_norm", "train_bn_affine"):
@@ -375,7 +378,8 @@ LAYER_FILTERS: dict[str, Callable[[nn.Module, str], bool]] = {
 
 def layer_filter(spec: str, model: nn.Module) -> Callable[[nn.Module, str], bool]:
     """A mask filter from a name: ``all``, ``pointwise``, ``no-depthwise``, ``no-stem``
-    (all but the first masked tensor), ``no-stem+pointwise`` style combinations, or
+    (all but the first masked tensor), ``last`` (only the last one: Lite0's conv head, the
+    layer before the pooled features), ``no-stem+pointwise`` style combinations, or
     ``re:REGEX`` (parameter names that match)."""
     if spec.startswith("re:"):
         try:
@@ -385,14 +389,19 @@ def layer_filter(spec: str, model: nn.Module) -> Callable[[nn.Module, str], bool
         return lambda m, n: masking.default_filter(m, n) and bool(pat.search(n))
     fns = []
     for part in spec.split("+"):
-        if part == "no-stem":
-            first = masking.select_parameters(model)[0][0] if masking.select_parameters(model) else None
-            fns.append(lambda m, n, first=first: masking.default_filter(m, n) and n != first)
+        if part in ("no-stem", "last"):
+            names = [n for n, _, _ in masking.select_parameters(model)]
+            if part == "no-stem":
+                first = names[0] if names else None
+                fns.append(lambda m, n, first=first: masking.default_filter(m, n) and n != first)
+            else:
+                last = names[-1] if names else None
+                fns.append(lambda m, n, last=last: masking.default_filter(m, n) and n == last)
         elif part in LAYER_FILTERS:
             fns.append(LAYER_FILTERS[part])
         else:
             raise ConfigError(f"unknown layer filter {part!r}: use one of "
-                              f"{sorted(LAYER_FILTERS) + ['no-stem', 're:REGEX']} (join with '+')")
+                              f"{sorted(LAYER_FILTERS) + ['last', 'no-stem', 're:REGEX']} (join with '+')")
     return lambda m, n: all(f(m, n) for f in fns)
 
 

@@ -220,6 +220,8 @@ def test_layer_filters(lite0):
     assert all(m.kernel_size == (1, 1) for _, m, _ in pw) and 0 < len(pw) < n_all
     rx = masking.select_parameters(net, layer_filter("re:_blocks\\.0\\.", net))
     assert [n for n, _, _ in rx] == ["_blocks.0._depthwise_conv.weight", "_blocks.0._project_conv.weight"]
+    last = masking.select_parameters(net, layer_filter("last", net))
+    assert [n for n, _, _ in last] == ["_conv_head.weight"]  # the conv before the pooled features
     with pytest.raises(ConfigError, match="unknown layer filter"):
         layer_filter("convs", net)
 
