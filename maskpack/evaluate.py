@@ -134,6 +134,19 @@ def last_bn_name(model: nn.Module) -> str | None:
     return names[-1] if names else None
 
 
+def bn_after(model: nn.Module, owners: set[str]) -> list[str]:
+    """Names of the BatchNorm layers that first follow each module in ``owners`` (module order:
+    a conv's own BN in EfficientNet and ResNet blocks)."""
+    out, pending = [], False
+    for name, m in model.named_modules():
+        if name in owners:
+            pending = True
+        elif pending and isinstance(m, _BN):
+            out.append(name)
+            pending = False
+    return out
+
+
 @torch.no_grad()
 def reestimate_bn_(model: nn.Module, loader, *, device: str | torch.device = "cpu",
                    max_batches: int = 100, amp: bool = True,

@@ -52,6 +52,7 @@ from .data import (
 from .errors import ConfigError, DataError, FormatError
 from .evaluate import (
     autocast,
+    bn_after,
     bn_state,
     evaluate_features,
     extract_features,
@@ -69,8 +70,9 @@ METHODS = ("mask", "topk", "fft")
 # train: every BN layer uses batch statistics while training (re-estimated before evaluation);
 # frozen: every BN layer stays in eval mode with the backbone's statistics; head: only the last
 # BN layer (the one before the pooled features) trains and is re-estimated, the rest keep the
-# backbone's statistics (recipe study, issue 5: frozen Lite0 at 32 px k-NN 0.405 -> 0.494)
-BN_MODES = ("train", "frozen", "head")
+# backbone's statistics (recipe study, issue 5: frozen Lite0 at 32 px k-NN 0.405 -> 0.494);
+# masked: the BN layer right after each masked layer adapts, the rest keep the backbone's
+BN_MODES = ("train", "frozen", "head", "masked")
 OBJECTIVES = ("supervised", "swav")
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -527,11 +529,23 @@ class _Run:
     def _build_model(self, init_scores) -> None:
         c = self.config
         net = self.backbone.copy_model()
-        self.head_bn_name = last_bn_name(net)
-        if c.bn_mode == "head" and self.head_bn_name is None:
-            raise ConfigError(f"--bn-mode head: backbone {c.backbone!r} has no BatchNorm layer; "
-                              "use --bn-mode train or frozen")
         self.masked = c.method in ("mask", "topk")
+        # --bn-mode head / masked: the BN layers that adapt (train mode, re-estimated); the rest
+        # keep the backbone's statistics
+        self.adapt_bn_names: list[str] = []
+        if c.bn_mode == "head":
+            self.adapt_bn_names = [n for n in [last_bn_name(net)] if n is not None]
+        elif c.bn_mode == "masked":
+            owners = {n.rpartition(".")[0] for n, _, _ in
+                      masking.select_parameters(net, layer_filter(c.mask_layers, net), mask_bias=c.mask_bias)}
+            self.adapt_bn_names = bn_after(net, owners)
+        if c.bn_mode == "masked" and not self.masked:
+            raise ConfigError("--bn-mode masked adapts the BN layers after masked layers: it needs "
+                              "--method mask or topk (fft: use --bn-mode train, head or frozen)")
+        if c.bn_mode in ("head", "masked") and not self.adapt_bn_names:
+            raise ConfigError(f"--bn-mode {c.bn_mode}: backbone {c.backbone!r} has no BatchNorm layer "
+                              f"to adapt{' after a masked layer' if c.bn_mode == 'masked' else ''}; "
+                              "use --bn-mode train or frozen")
         if self.masked:
             masking.apply_masks_(net, layer_filter(c.mask_layers, net), mask_bias=c.mask_bias,
                                  init=c.score_init, threshold=c.threshold,
@@ -790,20 +804,20 @@ class _Run:
         for cb in self.callbacks:
             cb(event, {"run": self, **info})
 
-    def _head_bn(self) -> list[nn.Module]:
-        """``--bn-mode head``: the backbone's last BN layer (looked up by name: SyncBatchNorm
-        conversion replaces the module)."""
-        return [self.model.backbone.get_submodule(self.head_bn_name)]
+    def _adapt_bns(self) -> list[nn.Module]:
+        """``--bn-mode head / masked``: the BN layers that adapt (looked up by name: SyncBatchNorm
+        conversion replaces the modules)."""
+        return [self.model.backbone.get_submodule(n) for n in self.adapt_bn_names]
 
     def _set_train_mode(self) -> None:
         self.model.train()
         self.objective.train()
-        if self.config.bn_mode in ("frozen", "head"):
+        if self.config.bn_mode != "train":
             for m in self.model.modules():
                 if isinstance(m, _BN):
                     m.eval()
-        if self.config.bn_mode == "head":
-            self._head_bn()[0].train()
+            for m in self._adapt_bns():
+                m.train()
 
     def _to_device(self, batch):
         x, y = batch
@@ -890,7 +904,7 @@ class _Run:
                 saved = bn_state(self.model)
             reestimate_bn_(self.model, self.bn_loader, device=self.device,
                            max_batches=c.bn_reestimate_batches, amp=c.amp,
-                           only=self._head_bn() if c.bn_mode == "head" else None)
+                           only=self._adapt_bns() if c.bn_mode in ("head", "masked") else None)
         out: dict[str, Any] = {}
         has_head = c.objective == "supervised"
         want_knn = c.eval_knn == "epoch" or (final and c.eval_knn == "end")

@@ -265,6 +265,28 @@ def test_bn_mode_head_adapts_only_the_last_bn(tmp_path):
         run(cfg(None, bn_mode="heads"))
 
 
+def test_bn_mode_masked_adapts_the_bn_after_each_masked_layer(lite0):
+    from maskpack.evaluate import bn_after
+
+    net = lite0.copy_model()
+    owners = {n.rpartition(".")[0] for n, _, _ in
+              masking.select_parameters(net, layer_filter("re:_blocks\\.15\\.|_conv_head", net))}
+    assert bn_after(net, owners) == ["_blocks.15._bn0", "_blocks.15._bn1", "_blocks.15._bn2", "_bn1"]
+    modes = {}
+
+    def grab(event, info):
+        if event == "step_end" and not modes:
+            bb = info["run"].model.backbone
+            modes.update({n: m.training for n, m in bb.named_modules()
+                          if isinstance(m, torch.nn.BatchNorm2d)})
+
+    run(cfg(None, epochs=1, bn_mode="masked", mask_layers="last", max_steps_per_epoch=1),
+        callbacks=[grab])
+    assert [n for n, t in modes.items() if t] == ["_bn1"]
+    with pytest.raises(ConfigError, match="needs --method mask"):
+        run(cfg(None, epochs=1, method="fft", bn_mode="masked"))
+
+
 def test_label_fraction_and_subset(tmp_path):
     seen = {}
     run(cfg(None, epochs=1, labels=0.5, max_steps_per_epoch=1),

@@ -74,10 +74,11 @@ def _slug(text: str) -> str:
                    "pooled features), joined by '+', or re:REGEX.  [default: the recipe's]")
 @click.option("--topk", type=float, default=0.9, show_default=True, help="Fraction kept by --method topk.")
 @click.option("--detach-alpha", is_flag=True, help="Stop the gradient through alpha = sqrt(mean(M)).")
-@click.option("--bn-mode", type=click.Choice(["train", "frozen", "head"]), default=None,
+@click.option("--bn-mode", type=click.Choice(["train", "frozen", "head", "masked"]), default=None,
               help="train: BN statistics update during training; frozen: BN stays in eval mode; "
-                   "head: only the last BN layer (before the pooled features) updates. "
-                   "[default: the recipe's]")
+                   "head: only the last BN layer (before the pooled features) updates; masked: only "
+                   "the BN right after each masked layer. Updated ones are re-estimated before "
+                   "evaluation.  [default: the recipe's]")
 @click.option("--bn-reestimate/--no-bn-reestimate", default=None,
               help="Re-estimate BN statistics on clean training images before evaluating and saving.")
 @click.option("--sync-bn", is_flag=True,
