@@ -82,7 +82,7 @@ _COMMON: dict[str, Any] = {
     "weight_decay": {"mask": 0.0, "topk": 0.0, "fft": 5e-4},
     "warmup": 1.0,
     "bn_reestimate": True,
-    "bn_mode": "train",
+    "bn_mode": {"mask": "train", "topk": "train", "fft": "train"},
     "mask_layers": "all",
 }
 # Per-tensor normalised score updates (recipe study, docs/recipe-study.md): Lite0's score gradients
@@ -340,7 +340,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     if c.bn_reestimate is None:
         c.bn_reestimate = rec["bn_reestimate"]
     if c.bn_mode is None:
-        c.bn_mode = rec["bn_mode"]
+        c.bn_mode = rec["bn_mode"][c.method]
     if c.mask_layers is None:
         c.mask_layers = rec["mask_layers"]
     if c.bn_mode not in BN_MODES:
@@ -381,7 +381,8 @@ LAYER_FILTERS: dict[str, Callable[[nn.Module, str], bool]] = {
 def layer_filter(spec: str, model: nn.Module) -> Callable[[nn.Module, str], bool]:
     """A mask filter from a name: ``all``, ``pointwise``, ``no-depthwise``, ``no-stem``
     (all but the first masked tensor), ``last`` (only the last one: Lite0's conv head, the
-    layer before the pooled features), ``no-stem+pointwise`` style combinations, or
+    layer before the pooled features) or ``last:N`` (the last N; Lite0's ``last:13`` is blocks
+    12-15 and the conv head), ``no-stem+pointwise`` style combinations, or
     ``re:REGEX`` (parameter names that match)."""
     if spec.startswith("re:"):
         try:
@@ -391,19 +392,22 @@ def layer_filter(spec: str, model: nn.Module) -> Callable[[nn.Module, str], bool
         return lambda m, n: masking.default_filter(m, n) and bool(pat.search(n))
     fns = []
     for part in spec.split("+"):
-        if part in ("no-stem", "last"):
+        if part == "no-stem" or part == "last" or part.startswith("last:"):
             names = [n for n, _, _ in masking.select_parameters(model)]
             if part == "no-stem":
                 first = names[0] if names else None
                 fns.append(lambda m, n, first=first: masking.default_filter(m, n) and n != first)
             else:
-                last = names[-1] if names else None
-                fns.append(lambda m, n, last=last: masking.default_filter(m, n) and n == last)
+                count = part.partition(":")[2] or "1"
+                if not count.isdigit() or int(count) < 1:
+                    raise ConfigError(f"bad layer filter {part!r}: use last or last:N with N >= 1")
+                keep = set(names[-int(count):])
+                fns.append(lambda m, n, keep=keep: masking.default_filter(m, n) and n in keep)
         elif part in LAYER_FILTERS:
             fns.append(LAYER_FILTERS[part])
         else:
             raise ConfigError(f"unknown layer filter {part!r}: use one of "
-                              f"{sorted(LAYER_FILTERS) + ['last', 'no-stem', 're:REGEX']} (join with '+')")
+                              f"{sorted(LAYER_FILTERS) + ['last', 'last:N', 'no-stem', 're:REGEX']} (join with '+')")
     return lambda m, n: all(f(m, n) for f in fns)
 
 

@@ -222,6 +222,12 @@ def test_layer_filters(lite0):
     assert [n for n, _, _ in rx] == ["_blocks.0._depthwise_conv.weight", "_blocks.0._project_conv.weight"]
     last = masking.select_parameters(net, layer_filter("last", net))
     assert [n for n, _, _ in last] == ["_conv_head.weight"]  # the conv before the pooled features
+    last13 = masking.select_parameters(net, layer_filter("last:13", net))
+    rx13 = masking.select_parameters(net, layer_filter("re:^(_blocks\\.1[2-5]\\.|_conv_head)", net))
+    assert [n for n, _, _ in last13] == [n for n, _, _ in rx13] and len(rx13) == 13
+    for bad in ("last:0", "last:x"):
+        with pytest.raises(ConfigError, match="last:N"):
+            layer_filter(bad, net)
     with pytest.raises(ConfigError, match="unknown layer filter"):
         layer_filter("convs", net)
 

@@ -71,7 +71,8 @@ def _slug(text: str) -> str:
 @click.option("--labels", type=float, default=1.0, show_default=True, help="Fraction of labels used.")
 @click.option("--mask-layers", default=None,
               help="Weights to mask: all, pointwise, no-depthwise, no-stem, last (the conv before the "
-                   "pooled features), joined by '+', or re:REGEX.  [default: the recipe's]")
+                   "pooled features), last:N (the last N), joined by '+', or re:REGEX.  "
+                   "[default: the recipe's]")
 @click.option("--topk", type=float, default=0.9, show_default=True, help="Fraction kept by --method topk.")
 @click.option("--detach-alpha", is_flag=True, help="Stop the gradient through alpha = sqrt(mean(M)).")
 @click.option("--bn-mode", type=click.Choice(["train", "frozen", "head", "masked"]), default=None,
