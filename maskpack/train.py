@@ -406,8 +406,8 @@ def layer_filter(spec: str, model: nn.Module) -> Callable[[nn.Module, str], bool
         elif part in LAYER_FILTERS:
             fns.append(LAYER_FILTERS[part])
         else:
-            raise ConfigError(f"unknown layer filter {part!r}: use one of "
-                              f"{sorted(LAYER_FILTERS) + ['last', 'last:N', 'no-stem', 're:REGEX']} (join with '+')")
+            known = sorted(LAYER_FILTERS) + ["last", "last:N", "no-stem", "re:REGEX"]
+            raise ConfigError(f"unknown layer filter {part!r}: use one of {known} (join with '+')")
     return lambda m, n: all(f(m, n) for f in fns)
 
 
