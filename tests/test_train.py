@@ -260,13 +260,21 @@ def test_bn_mode_head_adapts_only_the_last_bn(tmp_path):
             modes.update({n: m.training for n, m in bb.named_modules()
                           if isinstance(m, torch.nn.BatchNorm2d)})
 
-    r = run(cfg(None, epochs=1, bn_mode="head", head_lr=0.1), callbacks=[grab])
+    r = run(cfg(tmp_path, epochs=1, bn_mode="head", head_lr=0.1, train_bn_affine=False), callbacks=[grab])
     assert [n for n, t in modes.items() if t] == ["_bn1"] and len(modes) > 40
     start = load_backbone().model.state_dict()
     bb = r.model.backbone.state_dict()
     for n in modes:
         same = torch.equal(bb[f"{n}.running_mean"], start[f"{n}.running_mean"])
         assert same == (n != "_bn1"), n
+    # the task stores only what differs from the backbone: the head's BN statistics, no others
+    assert {k for k in r.extras if k.startswith("backbone.")} == {
+        f"backbone._bn1.{b}" for b in ("running_mean", "running_var", "num_batches_tracked")}
+    import maskpack
+
+    loaded = maskpack.load(r.task_path, maskpack.load_backbone())
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(loaded(x), r.model.eval()(x))
     with pytest.raises(ConfigError, match="BN mode"):
         run(cfg(None, bn_mode="heads"))
 
@@ -347,17 +355,22 @@ def test_swav_recipe_defaults():
     d = resolve_config(TrainConfig(objective="swav", epochs=8))
     assert (d.swav_crops, d.swav_global_scale, d.swav_prototypes) == ((2, 0), (0.5, 1.0), 100)
     assert (d.swav_jitter, d.swav_blur, d.head_only_epochs) == (0.4, False, 2.0)
-    assert (d.lr, d.head_lr, d.train_bn_affine, d.score_grad_norm) == (0.001, 1.0, False, True)
+    assert (d.lr, d.head_lr, d.train_bn_affine, d.score_grad_norm) == (0.02, 1.0, False, True)
+    assert (d.mask_layers, d.bn_mode) == ("last:13", "masked")
     p = resolve_config(TrainConfig(objective="swav", recipe="paper", epochs=8))
     assert (p.swav_crops, p.swav_global_scale, p.swav_prototypes) == ((2, 6), (0.14, 1.0), 500)
     assert (p.swav_jitter, p.swav_blur, p.head_only_epochs, p.lr) == (0.8, True, 0.0, 50.0)
     e = resolve_config(TrainConfig(objective="swav", epochs=8, swav_crops=(2, 4), lr=0.002,
                                    head_only_epochs="1/8", swav_jitter=0.0))
     assert (e.swav_crops, e.lr, e.head_only_epochs, e.swav_jitter) == ((2, 4), 0.002, 1.0, 0.0)
+    assert (p.mask_layers, p.bn_mode) == ("all", "train")
     s = resolve_config(TrainConfig(epochs=8))
     assert s.head_only_epochs == 0.0 and s.lr == 0.002 and s.train_bn_affine
+    assert (s.mask_layers, s.bn_mode) == ("all", "train")
     f = resolve_config(TrainConfig(objective="swav", method="fft"))
-    assert f.lr == 0.01 and f.head_lr == 0.01
+    assert f.lr == 0.01 and f.head_lr == 0.01 and f.bn_mode == "train"
+    m = resolve_config(TrainConfig(objective="swav", mask_layers="all", bn_mode="train"))
+    assert (m.mask_layers, m.bn_mode) == ("all", "train")
     with pytest.raises(ConfigError, match="head_only_epochs"):
         resolve_config(TrainConfig(head_only_epochs="x/y"))
 
