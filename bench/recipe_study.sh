@@ -86,6 +86,10 @@ R[sw2-masked-b12-8-lr2e-2]="${SW2[*]} --lr 0.02 --bn-mode masked --mask-layers r
 R[sw2-head-ch-8-lr2e-2-s1]="${SW2[*]} --lr 0.02 --bn-mode head --mask-layers re:^_conv_head --seed 1 ${E8[*]} ${EXTRA:-}"
 R[sw2-masked-b8-8-lr2e-2]="${SW2[*]} --lr 0.02 --bn-mode masked --mask-layers re:^(_blocks\\.(8|9|1[0-5])\\.|_conv_head) ${E8[*]} ${EXTRA:-}"
 R[sw2-masked-last13-8-s1]="${SW2[*]} --lr 0.02 --bn-mode masked --mask-layers last:13 --seed 1 ${E8[*]} ${EXTRA:-}"
+# supervised with the SwAV default's layer choice: masks on the last 13 tensors, their BN adapting
+R[sup-last13-8]="--method mask --bn-mode masked --mask-layers last:13 ${E8[*]} ${EXTRA:-}"
+R[sup-last13-8-s1]="--method mask --bn-mode masked --mask-layers last:13 --seed 1 ${E8[*]} ${EXTRA:-}"
+R[sup-last25-8]="--method mask --bn-mode masked --mask-layers last:25 ${E8[*]} ${EXTRA:-}"
 R[swav-smoke]="${SW[*]} --recipe normalized --lr 0.002 --head-lr 0.1 --set bn_lr=0.01 --epochs 1 --set max_steps_per_epoch=6"
 R[head-S2]="--method mask --lr 50 --warmup 1 --head-lr 0.01 --set head_only_epochs=2 ${S2[*]}"
 for name in "$@"; do
