@@ -165,8 +165,10 @@ def test_sinkhorn_over_ranks_equals_one_batch_and_gather_keeps_order(tmp_path):
 @pytest.mark.slow
 def test_swav_two_processes_match_one(tmp_path):
     """Global Sinkhorn and the per-rank queue: 2 x 16 against 1 x 32, queue used from step 2."""
+    # lr pinned: the SwAV default's (0.02) flips enough weights that a 0.1% mask difference moves a
+    # re-estimated BN channel past the tolerance; this test checks the all-reduce, not the recipe
     swav = dict(objective="swav", swav_crops=[2, 2], swav_queue_length=32, swav_queue_start=0.0,
-                swav_prototypes=20, head_lr=0.01)
+                swav_prototypes=20, head_lr=0.01, lr=0.001)
     base = {**BASE, **swav}
     base.pop("train_indices")
     run(TrainConfig.from_dict({**base, "train_indices": SUBSET, "out": str(tmp_path / "one")}))
