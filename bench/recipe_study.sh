@@ -90,6 +90,9 @@ R[sw2-masked-last13-8-s1]="${SW2[*]} --lr 0.02 --bn-mode masked --mask-layers la
 R[sup-last13-8]="--method mask --bn-mode masked --mask-layers last:13 ${E8[*]} ${EXTRA:-}"
 R[sup-last13-8-s1]="--method mask --bn-mode masked --mask-layers last:13 --seed 1 ${E8[*]} ${EXTRA:-}"
 R[sup-last25-8]="--method mask --bn-mode masked --mask-layers last:25 ${E8[*]} ${EXTRA:-}"
+R[sup-last25-8-s1]="--method mask --bn-mode masked --mask-layers last:25 --seed 1 ${E8[*]} ${EXTRA:-}"
+# fft with the same BN idea (every weight trains, only the conv head's BN statistics adapt)
+R[fft-8-bnhead]="--method fft --bn-mode head ${E8[*]} ${EXTRA:-}"
 R[swav-smoke]="${SW[*]} --recipe normalized --lr 0.002 --head-lr 0.1 --set bn_lr=0.01 --epochs 1 --set max_steps_per_epoch=6"
 R[head-S2]="--method mask --lr 50 --warmup 1 --head-lr 0.01 --set head_only_epochs=2 ${S2[*]}"
 for name in "$@"; do
