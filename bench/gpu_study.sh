@@ -29,7 +29,9 @@ HARD=${HARD:-0}
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 
-D="--dataset imagefolder:$DATA --image-size 32 --device $DEVICE --workers 2 --threads 1 --quiet --json"
+# every conv masked, every BN in train mode unless a job says otherwise (the defaults of the
+# third session, when these lists ran)
+D="--dataset imagefolder:$DATA --image-size 32 --device $DEVICE --workers 2 --threads 1 --quiet --json --mask-layers all --bn-mode train"
 # SwAV self-masks: 100 prototypes, global crops scale (0.3, 1), k-NN after every epoch
 SW="$D --objective swav --method mask --knn epoch --recipe normalized --head-lr 0.1 --set swav_prototypes=100 --set swav_global_scale=[0.3,1.0] --set bn_reestimate_batches=16 --epochs 8"
 FZ="--bn-mode frozen --no-bn-reestimate"        # BN in eval mode with the ImageNet statistics

@@ -7,8 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 D=imagefolder:${DATA:-/work/shared/data/cifar10-5k}
 MP=.venv/bin/maskpack
+# masks on every layer with every BN in train mode unless a run says otherwise (what every run
+# before the fourth session used; the defaults have changed since)
 COMMON=(--dataset "$D" --image-size 32 --threads 2 --quiet --json --knn never
-        --set eval_every=0 --set bn_reestimate_batches=16)
+        --set eval_every=0 --set bn_reestimate_batches=16 --mask-layers all --bn-mode train)
 S=(--epochs 4 --set max_steps_per_epoch=20)
 # "S2": 2 epochs x 20 steps (40 steps, 2,560 images): what a heavily shared 2-core box allows
 S2=(--epochs 2 --set max_steps_per_epoch=20)
@@ -93,6 +95,8 @@ R[sup-last25-8]="--method mask --bn-mode masked --mask-layers last:25 ${E8[*]} $
 R[sup-last25-8-s1]="--method mask --bn-mode masked --mask-layers last:25 --seed 1 ${E8[*]} ${EXTRA:-}"
 # fft with the same BN idea (every weight trains, only the conv head's BN statistics adapt)
 R[fft-8-bnhead]="--method fft --bn-mode head ${E8[*]} ${EXTRA:-}"
+R[fft-8-s2]="--method fft --seed 2 ${E8[*]} ${EXTRA:-}"
+R[sup-last25-8-s2]="--method mask --bn-mode masked --mask-layers last:25 --seed 2 ${E8[*]} ${EXTRA:-}"
 R[swav-smoke]="${SW[*]} --recipe normalized --lr 0.002 --head-lr 0.1 --set bn_lr=0.01 --epochs 1 --set max_steps_per_epoch=6"
 R[head-S2]="--method mask --lr 50 --warmup 1 --head-lr 0.01 --set head_only_epochs=2 ${S2[*]}"
 for name in "$@"; do
