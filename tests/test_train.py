@@ -64,8 +64,11 @@ def test_checkpoint_contract(tmp_path):
     for name, s in ck["scores"].items():
         assert torch.equal(s > 0, r.masks[name])
     ex = ck["extras"]
-    assert {"head.weight", "head.bias", "backbone._bn0.running_mean", "backbone._bn0.running_var",
-            "backbone._bn0.num_batches_tracked"} <= set(ex)
+    # the default masks the last 25 tensors and adapts their BN only: the conv head's statistics
+    # are stored, the stem's are the backbone's and left out; BN weight/bias train everywhere
+    assert {"head.weight", "head.bias", "backbone._bn1.running_mean", "backbone._bn1.running_var",
+            "backbone._bn1.num_batches_tracked", "backbone._bn0.weight", "backbone._bn0.bias"} <= set(ex)
+    assert "backbone._bn0.running_mean" not in ex
     assert not any("parametrizations" in k for k in ex)
     assert ck["metadata"]["mask.scale"] == "true"
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in ck["metadata"].items())
@@ -366,7 +369,11 @@ def test_swav_recipe_defaults():
     assert (p.mask_layers, p.bn_mode) == ("all", "train")
     s = resolve_config(TrainConfig(epochs=8))
     assert s.head_only_epochs == 0.0 and s.lr == 0.002 and s.train_bn_affine
-    assert (s.mask_layers, s.bn_mode) == ("all", "train")
+    assert (s.mask_layers, s.bn_mode) == ("last:25", "masked")  # supervised default
+    n = resolve_config(TrainConfig(epochs=8, recipe="normalized"))
+    assert (n.mask_layers, n.bn_mode, n.lr, n.train_bn_affine) == ("all", "train", 0.002, True)
+    t = resolve_config(TrainConfig(method="topk"))
+    assert (t.mask_layers, t.bn_mode) == ("all", "train")
     f = resolve_config(TrainConfig(objective="swav", method="fft"))
     assert f.lr == 0.01 and f.head_lr == 0.01 and f.bn_mode == "train"
     m = resolve_config(TrainConfig(objective="swav", mask_layers="all", bn_mode="train"))
