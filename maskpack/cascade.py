@@ -642,8 +642,13 @@ def save_cascade(path: str | os.PathLike, backbone, dispatcher_masks: dict[str, 
     data = container.build(backbone_name=bb_name, backbone_hash=bb_hash, codec=CODEC, tensors=entries,
                            extras=st_save(tensors), metadata=meta)
     container.write_atomic(path, data)
+    # the same file without the combination PCAs (built, not written): extras are compressed as
+    # one blob, so the PCAs' share of the file can only be measured this way
+    rest = {k: v for k, v in tensors.items() if not k.startswith("combine/")}
+    without = len(container.build(backbone_name=bb_name, backbone_hash=bb_hash, codec=CODEC,
+                                  tensors=entries, extras=st_save(rest), metadata=meta))
     return storage_report(path, backbone, dispatcher_masks, dispatcher_extras, expert_masks, expert_extras,
-                          sizes, tensors, len(data))
+                          sizes, tensors, len(data), without)
 
 
 def _hash(backbone) -> str:
@@ -658,7 +663,7 @@ def _nbytes(tensors: dict[str, torch.Tensor], prefix: str) -> int:
 
 def storage_report(path, backbone, dispatcher_masks, dispatcher_extras, expert_masks, expert_extras,
                    sizes: dict[str, Any], tensors: dict[str, torch.Tensor],
-                   file_bytes: int) -> dict[str, Any]:
+                   file_bytes: int, file_bytes_without_combine: int) -> dict[str, Any]:
     """Bytes of each part of a cascade file and multiples of one mask.
 
     ``one_mask`` is the dispatcher's masks coded with ``ans``; ``experts_independent`` codes
@@ -694,7 +699,8 @@ def storage_report(path, backbone, dispatcher_masks, dispatcher_extras, expert_m
         "masks_multiple": (sizes["dispatcher"] + deltas) / one,
         "masks_multiple_independent": (sizes["dispatcher"] + sum(indep)) / one,
         "file_multiple": file_bytes / max(task_file, 1),
-        "file_multiple_without_combine": (file_bytes - _nbytes(tensors, "combine/")) / max(task_file, 1),
+        "file_bytes_without_combine": file_bytes_without_combine,
+        "file_multiple_without_combine": file_bytes_without_combine / max(task_file, 1),
     }
 
 

@@ -176,6 +176,9 @@ def test_experts_stored_as_deltas_cost_less(parts, tmp_path):
     assert rep["masks_multiple"] < K + 1
     # only expert 1 changed a BN statistic: only that tensor is stored for the experts
     assert rep["expert_extras_bytes"] == parts["e_extras"][0]["backbone.bn1.running_mean"].numel() * 4
+    # the file without the combination PCAs is measured, not estimated from raw sizes
+    assert 0 < rep["file_bytes_without_combine"] < rep["file_bytes"]
+    assert rep["file_multiple_without_combine"] > 0
 
 
 def test_loaded_expert_masks_and_extras_match(parts, tmp_path):
