@@ -22,29 +22,15 @@ from torch import nn
 
 from maskpack.backbones import load_backbone
 from maskpack.data import Augmented, EpochSampler, eval_transform, load_dataset, make_loader
-from maskpack.evaluate import evaluate_features, extract_features
+from maskpack.evaluate import evaluate_features, extract_features, reestimate_bn_
 from maskpack.model import TaskModel
 
 
-def reestimate_some_(model: nn.Module, loader, pattern: str, batches: int) -> list[str]:
-    """Re-estimate the BN layers whose name matches ``pattern``; the rest stay in eval mode."""
+def chosen_bns(model: nn.Module, pattern: str) -> list[tuple[str, nn.Module]]:
+    """The backbone's BN layers whose names match ``pattern`` (empty pattern: none)."""
     rx = re.compile(pattern) if pattern else None
-    chosen = [(n, m) for n, m in model.backbone.named_modules()
-              if isinstance(m, nn.BatchNorm2d) and rx is not None and rx.search(n)]
-    model.eval()
-    for _, m in chosen:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-        m.train()
-    with torch.no_grad():
-        for i, (images, _) in enumerate(loader):
-            if i >= batches or not chosen:
-                break
-            model.backbone(images)
-    for _, m in chosen:
-        m.momentum = 0.1
-        m.eval()
-    return [n for n, _ in chosen]
+    return [(n, m) for n, m in model.backbone.named_modules()
+            if isinstance(m, nn.BatchNorm2d) and rx is not None and rx.search(n)]
 
 
 def main() -> None:
@@ -70,7 +56,8 @@ def main() -> None:
         model = TaskModel(bb.copy_model())
         loader = make_loader(Augmented(data.train, tf), batch_size=64,
                              sampler=EpochSampler(len(data.train), seed=0))
-        chosen = reestimate_some_(model, loader, pattern, args.batches)
+        chosen = chosen_bns(model, pattern)
+        reestimate_bn_(model, loader, max_batches=args.batches, only=[m for _, m in chosen])
         model.eval()
         f_tr, y_tr = extract_features(model, tr)
         f_te, y_te = extract_features(model, te)

@@ -549,6 +549,10 @@ class _Run:
         c = self.config
         net = self.backbone.copy_model()
         self.masked = c.method in ("mask", "topk")
+        if c.bn_mode == "masked" and not self.masked:
+            raise ConfigError("--bn-mode masked adapts the BN layers after masked layers: it needs "
+                              "--method mask or topk (fft: use --bn-mode train, head or frozen)")
+        masked_filter = layer_filter(c.mask_layers, net) if self.masked else None
         # --bn-mode head / masked: the BN layers that adapt (train mode, re-estimated); the rest
         # keep the backbone's statistics
         self.adapt_bn_names: list[str] = []
@@ -556,17 +560,14 @@ class _Run:
             self.adapt_bn_names = [n for n in [last_bn_name(net)] if n is not None]
         elif c.bn_mode == "masked":
             owners = {n.rpartition(".")[0] for n, _, _ in
-                      masking.select_parameters(net, layer_filter(c.mask_layers, net), mask_bias=c.mask_bias)}
+                      masking.select_parameters(net, masked_filter, mask_bias=c.mask_bias)}
             self.adapt_bn_names = bn_after(net, owners)
-        if c.bn_mode == "masked" and not self.masked:
-            raise ConfigError("--bn-mode masked adapts the BN layers after masked layers: it needs "
-                              "--method mask or topk (fft: use --bn-mode train, head or frozen)")
         if c.bn_mode in ("head", "masked") and not self.adapt_bn_names:
             raise ConfigError(f"--bn-mode {c.bn_mode}: backbone {c.backbone!r} has no BatchNorm layer "
                               f"to adapt{' after a masked layer' if c.bn_mode == 'masked' else ''}; "
                               "use --bn-mode train or frozen")
         if self.masked:
-            masking.apply_masks_(net, layer_filter(c.mask_layers, net), mask_bias=c.mask_bias,
+            masking.apply_masks_(net, masked_filter, mask_bias=c.mask_bias,
                                  init=c.score_init, threshold=c.threshold,
                                  mode="topk" if c.method == "topk" else "threshold", k=c.topk_k,
                                  scale=c.scale, detach_alpha=c.detach_alpha, seed=c.seed)

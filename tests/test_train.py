@@ -250,11 +250,8 @@ def test_init_scores_and_bn_frozen(tmp_path):
     assert torch.equal(second.model.backbone._bn0.running_mean, seen["bn"])  # frozen BN: unchanged
 
 
-def test_bn_mode_head_adapts_only_the_last_bn(tmp_path):
-    # --bn-mode head: only the conv head's BN (_bn1) runs in train mode and is re-estimated;
-    # every other BN layer keeps the backbone's statistics
-    from maskpack import load_backbone
-
+def _bn_modes_at_first_step():
+    """A callback that records {BN layer name: in train mode?} after the first training step."""
     modes = {}
 
     def grab(event, info):
@@ -262,6 +259,16 @@ def test_bn_mode_head_adapts_only_the_last_bn(tmp_path):
             bb = info["run"].model.backbone
             modes.update({n: m.training for n, m in bb.named_modules()
                           if isinstance(m, torch.nn.BatchNorm2d)})
+
+    return modes, grab
+
+
+def test_bn_mode_head_adapts_only_the_last_bn(tmp_path):
+    # --bn-mode head: only the conv head's BN (_bn1) runs in train mode and is re-estimated;
+    # every other BN layer keeps the backbone's statistics
+    from maskpack import load_backbone
+
+    modes, grab = _bn_modes_at_first_step()
 
     r = run(cfg(tmp_path, epochs=1, bn_mode="head", head_lr=0.1, train_bn_affine=False), callbacks=[grab])
     assert [n for n, t in modes.items() if t] == ["_bn1"] and len(modes) > 40
@@ -289,13 +296,7 @@ def test_bn_mode_masked_adapts_the_bn_after_each_masked_layer(lite0):
     owners = {n.rpartition(".")[0] for n, _, _ in
               masking.select_parameters(net, layer_filter("re:_blocks\\.15\\.|_conv_head", net))}
     assert bn_after(net, owners) == ["_blocks.15._bn0", "_blocks.15._bn1", "_blocks.15._bn2", "_bn1"]
-    modes = {}
-
-    def grab(event, info):
-        if event == "step_end" and not modes:
-            bb = info["run"].model.backbone
-            modes.update({n: m.training for n, m in bb.named_modules()
-                          if isinstance(m, torch.nn.BatchNorm2d)})
+    modes, grab = _bn_modes_at_first_step()
 
     run(cfg(None, epochs=1, bn_mode="masked", mask_layers="last", max_steps_per_epoch=1),
         callbacks=[grab])
