@@ -24,17 +24,9 @@ import torch
 from torch import nn
 
 from .data import Augmented, DataBundle, eval_transform, label_subset, load_dataset, make_loader
-from .errors import ConfigError, FormatError
+from .errors import ConfigError
 from .model import TaskModel
-
-_BN = nn.modules.batchnorm._BatchNorm
-
-
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA; a no-op context elsewhere (CPU stays fp32)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from .runtime import autocast, resolve_device
 
 
 def _features_of(model: nn.Module):
@@ -127,84 +119,6 @@ def head_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(1) == torch.as_tensor(labels)).float().mean())
 
 
-def last_bn_name(model: nn.Module) -> str | None:
-    """Name of the last BatchNorm layer in module order (Lite0 / Lite2: the conv head's ``_bn1``,
-    which normalises the pre-activations of the pooled features), or None without BN."""
-    names = [n for n, m in model.named_modules() if isinstance(m, _BN)]
-    return names[-1] if names else None
-
-
-def bn_after(model: nn.Module, owners: set[str]) -> list[str]:
-    """Names of the BatchNorm layers that first follow each module in ``owners`` (module order:
-    a conv's own BN in EfficientNet and ResNet blocks)."""
-    out, pending = [], False
-    for name, m in model.named_modules():
-        if name in owners:
-            pending = True
-        elif pending and isinstance(m, _BN):
-            out.append(name)
-            pending = False
-    return out
-
-
-@torch.no_grad()
-def reestimate_bn_(model: nn.Module, loader, *, device: str | torch.device = "cpu",
-                   max_batches: int = 100, amp: bool = True,
-                   only: Sequence[nn.Module] | None = None) -> int:
-    """Recompute BatchNorm running statistics as a cumulative average over ``loader`` (in place).
-
-    Only the BN layers being re-estimated run in train mode (all of them, or those in ``only``);
-    everything else stays in eval mode. Returns the number of batches used (0 when there is no
-    BatchNorm to re-estimate).
-    """
-    device = torch.device(device)
-    pool = list(model.modules()) if only is None else list(only)
-    bns = [m for m in pool if isinstance(m, _BN) and m.track_running_stats]
-    if not bns:
-        return 0
-    was_training = model.training
-    model.eval()
-    saved = []
-    for m in bns:
-        saved.append(m.momentum)
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average
-        m.train()
-    feats_fn = _features_of(model)
-    n = 0
-    for images, _ in loader:
-        if n >= max_batches:
-            break
-        images = images.to(device, non_blocking=True)
-        with autocast(device, amp):
-            feats_fn(images)
-        n += 1
-    for m, mom in zip(bns, saved, strict=True):
-        m.momentum = mom
-    model.train(was_training)
-    return n
-
-
-def bn_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of every BatchNorm buffer (to restore after a temporary re-estimation)."""
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, _BN):
-            for b, t in m._buffers.items():
-                if t is not None:
-                    out[f"{name}.{b}"] = t.detach().clone()
-    return out
-
-
-@torch.no_grad()
-def load_bn_state_(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    for name, m in model.named_modules():
-        if isinstance(m, _BN):
-            for b, t in m._buffers.items():
-                if t is not None and f"{name}.{b}" in state:
-                    t.copy_(state[f"{name}.{b}"])
-
-
 # ----------------------------------------------------------------------------- protocol
 
 
@@ -250,45 +164,6 @@ def evaluate_model(model: nn.Module, data: DataBundle, *, image_size: int, mean,
     return out
 
 
-def load_task_model(path: str | os.PathLike, backbone) -> tuple[TaskModel, dict[str, str]]:
-    """Load a trained task: a ``.mask`` file, an fft ``model.safetensors``, or a run directory.
-
-    Returns:
-        The :class:`TaskModel` (eval mode) and the task's metadata (may be empty).
-    """
-    path = Path(path)
-    if path.is_dir():
-        for name in ("task.mask", "model.safetensors"):
-            if (path / name).exists():
-                return load_task_model(path / name, backbone)
-        raise FormatError(f"run directory {path} holds no task.mask or model.safetensors yet "
-                          "(is training finished? `maskpack train --resume --out DIR` finishes it)")
-    if not path.exists():
-        raise FileNotFoundError(2, "No such file", str(path))
-    if path.suffix == ".safetensors":
-        return _load_fft(path, backbone)
-    from .io import load, read
-
-    return load(path, backbone), dict(read(path).metadata)
-
-
-def _load_fft(path: Path, backbone) -> tuple[TaskModel, dict[str, str]]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from .rehydrate import build_head
-
-    state = load_file(str(path))
-    with safe_open(str(path), "pt") as f:
-        meta = dict(f.metadata() or {})
-    model = TaskModel(backbone.copy_model(), build_head(state))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise FormatError(f"{path} does not match backbone {backbone.name!r}: {exc}") from exc
-    return model.eval(), meta
-
-
 def evaluate(task: str | os.PathLike | None, *, backbone: str | None = None, dataset: str | None = None,
              image_size: int | None = None, fractions: Sequence[float] = (1.0,), knn: bool = True,
              probe: bool = True, baseline: bool = True, data_dir: str | None = None,
@@ -323,7 +198,9 @@ def evaluate(task: str | os.PathLike | None, *, backbone: str | None = None, dat
     if baseline or task is None:
         out["backbone"] = evaluate_model(TaskModel(bb.copy_model()), data, **kw)
     if task is not None:
-        model, _ = load_task_model(task, bb)
+        from .io import load_task
+
+        model, _ = load_task(task, bb)
         out["task"] = evaluate_model(model, data, **kw)
     return out
 
@@ -341,14 +218,3 @@ def _task_metadata(path: Path) -> dict[str, str]:
             c = json.loads(cfg.read_text())
             return {k: str(c[k]) for k in ("backbone", "dataset", "image_size") if c.get(k) is not None}
     return {}
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ConfigError(f"unknown device {device!r}: use auto, cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but no CUDA GPU is available: use --device cpu or auto")
-    return torch.device(device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,11 +29,6 @@ SCALE_KEY = "mask.scale"
 # ans contexts of the last backbone used, keyed by (backbone hash, tensor name): decoding several
 # tasks over one backbone computes the |W| buckets and their sort only once.
 _CONTEXTS: dict[tuple[str, str], TensorContexts] = {}
-
-
-def clear_context_cache() -> None:
-    """Forget cached ans contexts (frees memory; the next decode recomputes them)."""
-    _CONTEXTS.clear()
 
 
 def _contexts(bb_hash: str | None, name: str, w: torch.Tensor) -> TensorContexts:
@@ -61,6 +57,11 @@ def _name_of(backbone) -> str:
 
 def _hash_of(backbone) -> str:
     return backbone.hash() if callable(getattr(backbone, "hash", None)) else backbone_hash(_module(backbone))
+
+
+def backbone_tensors(backbone) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of a backbone (a :class:`maskpack.Backbone` or module) by name."""
+    return _tensors(_module(backbone))
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -96,6 +97,70 @@ def _check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
     return metadata
 
 
+def _storage_name(name: str) -> str:
+    """The backbone tensor a stored mask refers to: a cascade stores expert deltas as
+    ``expert<k>/<name>`` over the same backbone tensor as ``<name>``."""
+    return name.rsplit("/", 1)[-1]
+
+
+def encode_masks(masks: dict[str, torch.Tensor], backbone, *, codec: str = DEFAULT_CODEC,
+                 level: int | None = None) -> list[tuple[str, tuple[int, ...], int, bytes]]:
+    """Encode masks as the payloads of a ``.mask`` file, in backbone order.
+
+    Args:
+        masks: ``{name: BoolTensor}``; a name is a backbone tensor's name, or ``<prefix>/<name>``
+            for a mask over the same tensor (cascade expert deltas), stored right after it.
+        backbone: a :class:`maskpack.Backbone` or ``nn.Module`` (``ans`` uses its |W| as contexts).
+        codec, level: as for :func:`save`.
+
+    Returns:
+        ``(name, shape, active count, payload)`` per mask in file order.
+
+    Raises:
+        FormatError: a mask names no backbone tensor, is not bool, or has the wrong shape.
+    """
+    cod = get_codec(codec)
+    level = cod.check_level(level)
+    if not isinstance(masks, dict):
+        raise ConfigError(f"masks must be a dict of name -> BoolTensor, got {type(masks).__name__}")
+    weights = _tensors(_module(backbone))
+    unknown = sorted(n for n in masks if _storage_name(n) not in weights)
+    if unknown:
+        raise FormatError(f"mask {unknown[0]!r} names no tensor of backbone {_name_of(backbone)!r}")
+    by_tensor: dict[str, list[str]] = {}
+    for name in masks:  # a tensor's own mask first, then prefixed ones in the caller's order
+        group = by_tensor.setdefault(_storage_name(name), [])
+        if name == _storage_name(name):
+            group.insert(0, name)
+        else:
+            group.append(name)
+    bb_hash = _hash_of(backbone) if cod.needs_backbone else None
+    entries = []
+    for tname, w in weights.items():  # backbone order: the bytes do not depend on dict order
+        for name in by_tensor.get(tname, ()):
+            m = masks[name]
+            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+                raise FormatError(f"mask {name!r} must be a torch.bool tensor, got "
+                                  f"{getattr(m, 'dtype', type(m).__name__)}")
+            if tuple(m.shape) != tuple(w.shape):
+                raise FormatError(f"mask {name!r} has shape {tuple(m.shape)}, the backbone's tensor "
+                                  f"{tuple(w.shape)}")
+            flat = m.detach().to("cpu").reshape(-1).numpy()
+            payload = cod.encode(flat, _contexts(bb_hash, tname, w) if cod.needs_backbone else None, level)
+            entries.append((name, tuple(m.shape), int(np.count_nonzero(flat)), payload))
+    return entries
+
+
+def to_bytes(masks: dict[str, torch.Tensor], backbone, *, extras: dict[str, torch.Tensor] | None = None,
+             metadata: dict[str, str] | None = None, codec: str = DEFAULT_CODEC,
+             level: int | None = None) -> bytes:
+    """The complete ``.mask`` file :func:`save` writes, as bytes (arguments as for :func:`save`)."""
+    entries = encode_masks(masks, backbone, codec=codec, level=level)
+    return container.build(backbone_name=_name_of(backbone), backbone_hash=_hash_of(backbone),
+                           codec=get_codec(codec).name, tensors=entries, extras=_extras_blob(extras),
+                           metadata=_check_metadata(metadata))
+
+
 def save(path: str | os.PathLike, masks: dict[str, torch.Tensor], backbone, *,
          extras: dict[str, torch.Tensor] | None = None, metadata: dict[str, str] | None = None,
          codec: str = DEFAULT_CODEC, level: int | None = None) -> None:
@@ -114,32 +179,58 @@ def save(path: str | os.PathLike, masks: dict[str, torch.Tensor], backbone, *,
     Example:
         >>> save("task.mask", {"0.weight": torch.ones(4, 4, dtype=torch.bool)}, net)  # doctest: +SKIP
     """
-    cod = get_codec(codec)
-    level = cod.check_level(level)
-    weights = _tensors(_module(backbone))
-    if not isinstance(masks, dict):
-        raise ConfigError(f"masks must be a dict of name -> BoolTensor, got {type(masks).__name__}")
-    unknown = sorted(set(masks) - set(weights))
-    if unknown:
-        raise FormatError(f"mask {unknown[0]!r} names no tensor of backbone {_name_of(backbone)!r}")
-    entries = []
-    for name, w in weights.items():  # backbone order: the bytes do not depend on dict order
-        if name not in masks:
-            continue
-        m = masks[name]
-        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
-            raise FormatError(f"mask {name!r} must be a torch.bool tensor, got "
-                              f"{getattr(m, 'dtype', type(m).__name__)}")
-        if tuple(m.shape) != tuple(w.shape):
-            raise FormatError(f"mask {name!r} has shape {tuple(m.shape)}, the backbone's tensor "
-                              f"{tuple(w.shape)}")
-        flat = m.detach().to("cpu").reshape(-1).numpy()
-        payload = cod.encode(flat, _absw(w) if cod.needs_backbone else None, level)
-        entries.append((name, tuple(m.shape), int(np.count_nonzero(flat)), payload))
-    data = container.build(backbone_name=_name_of(backbone), backbone_hash=_hash_of(backbone),
-                           codec=cod.name, tensors=entries, extras=_extras_blob(extras),
-                           metadata=_check_metadata(metadata))
+    write_atomic(path, to_bytes(masks, backbone, extras=extras, metadata=metadata, codec=codec, level=level))
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename): the one
+    writer of every file maskpack produces (tasks, checkpoints, run records, unpacked weights)."""
     container.write_atomic(path, data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`write_atomic` for UTF-8 text."""
+    write_atomic(path, text.encode("utf-8"))
+
+
+def is_mask_file(path: str | os.PathLike) -> bool:
+    """True when ``path`` starts with the ``.mask`` magic bytes (nothing else is checked)."""
+    with open(path, "rb") as f:
+        return f.read(len(container.MAGIC)) == container.MAGIC
+
+
+def load_finetuned(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a fine-tune's ``model.safetensors`` (TaskModel state dict and metadata); no pickle.
+
+    Raises:
+        FileNotFoundError: the file does not exist. FormatError: it is not a safetensors file of a
+        ``maskpack train --method fft`` run.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(2, "No such file", path)
+    try:
+        state = load_file(path)
+        with safe_open(path, "pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises its own types on malformed files
+        raise FormatError(f"{path} is not a readable safetensors file ({exc}); pass the fine-tune's "
+                          "model.safetensors") from exc
+    if not any(k.startswith("backbone.") for k in state):
+        raise FormatError(f"{path} holds no 'backbone.*' tensors: expected the model.safetensors of a "
+                          "`maskpack train --method fft` run")
+    return state, meta
+
+
+def save_finetuned(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a full TaskModel state dict as safetensors, atomically."""
+    from safetensors.torch import save as st_save
+
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    write_atomic(path, st_save(clean, metadata=_check_metadata(metadata)))
 
 
 class MaskFile:
@@ -194,6 +285,11 @@ class MaskFile:
         """Active fraction of each masked tensor (from the header)."""
         return {t.name: (t.active / t.numel if t.numel else 1.0) for t in self.tensors}
 
+    @property
+    def extras_bytes(self) -> int:
+        """Stored (compressed) size of the extras; 0 when the file has none."""
+        return self._info.extras.length if self._info.extras is not None else 0
+
     def _data(self) -> bytes:
         return container.read_data(self.path, self._info)
 
@@ -241,13 +337,12 @@ class MaskFile:
         for t in self.tensors:
             absw = None
             if weights is not None:
-                # A cascade stores expert deltas as "expert<k>/<name>": same backbone tensor.
-                w = weights.get(t.name.rsplit("/", 1)[-1])
+                w = weights.get(_storage_name(t.name))
                 if w is None or tuple(w.shape) != t.shape:
                     raise FormatError(f"{self.path}: mask {t.name!r} {list(t.shape)} does not fit the "
                                       "backbone "
                                       f"({'missing' if w is None else list(w.shape)})")
-                absw = _contexts(bb_hash, t.name.rsplit("/", 1)[-1], w) if cod.needs_backbone else None
+                absw = _contexts(bb_hash, _storage_name(t.name), w) if cod.needs_backbone else None
             payload = container.blob(self.path, data, t, f"tensor {t.name!r}")
             flat = cod.decode(payload, t.numel, absw)
             if int(np.count_nonzero(flat)) != t.active:
@@ -329,7 +424,7 @@ def load_task_into(host, path: str | os.PathLike) -> TaskModel:
     """
     mf = read(path)
     _refuse_cascade(mf)
-    pristine = {**host.model.backbone.state_dict(), **getattr(host, "_pristine", {})}
+    pristine = host.pristine_state()
     _check_hash(mf, state_dict_hash(pristine), "<TaskHost backbone>")
 
     class _Pristine(nn.Module):  # a view of the pristine tensors for the decoder's contexts
@@ -338,3 +433,38 @@ def load_task_into(host, path: str | os.PathLike) -> TaskModel:
 
     masks = mf.masks(_Pristine(), check_hash=False)
     return host.switch_(masks, mf.extras, scale=mf.scale)
+
+
+def load_task(path: str | os.PathLike, backbone) -> tuple[TaskModel, dict[str, str]]:
+    """Load a trained task: a ``.mask`` file, a fine-tune's ``model.safetensors``, or a run directory.
+
+    Args:
+        path: the task file, or a run directory holding ``task.mask`` or ``model.safetensors``.
+        backbone: the :class:`maskpack.Backbone` it was trained on.
+
+    Returns:
+        The :class:`TaskModel` (eval mode) and the task's metadata (may be empty).
+
+    Raises:
+        FormatError: a run directory without a finished task, or a fine-tune of another backbone.
+    """
+    from .rehydrate import build_head
+
+    path = Path(path)
+    if path.is_dir():
+        for name in ("task.mask", "model.safetensors"):
+            if (path / name).exists():
+                return load_task(path / name, backbone)
+        raise FormatError(f"run directory {path} holds no task.mask or model.safetensors yet "
+                          "(is training finished? `maskpack train --resume --out DIR` finishes it)")
+    if not path.exists():
+        raise FileNotFoundError(2, "No such file", str(path))
+    if path.suffix != ".safetensors":
+        return load(path, backbone), dict(read(path).metadata)
+    state, meta = load_finetuned(path)
+    model = TaskModel(backbone.copy_model(), build_head(state))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise FormatError(f"{path} does not match backbone {backbone.name!r}: {exc}") from exc
+    return model.eval(), meta

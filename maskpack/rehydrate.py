@@ -129,6 +129,11 @@ class TaskHost:
         self._pristine: dict[str, torch.Tensor] = {}
         self._touched: set[str] = set()
 
+    def pristine_state(self) -> dict[str, torch.Tensor]:
+        """The backbone's own tensors (state-dict names), whatever task is loaded: the hash and the
+        ``ans`` contexts of any task are computed on these."""
+        return {**self.model.backbone.state_dict(), **self._pristine}
+
     def _original(self, name: str, target: torch.Tensor) -> torch.Tensor:
         if name not in self._pristine:
             self._pristine[name] = target.detach().clone()

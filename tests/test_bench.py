@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from maskpack import bench
+from maskpack import compare as bench
 from maskpack.errors import BackboneMismatchError, ConfigError, FormatError
 
 

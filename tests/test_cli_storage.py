@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 import maskpack
 from maskpack.cli import main
+from maskpack.checkpoint import build_checkpoint
 from maskpack.masking import masks_from_scores, select_parameters
 from maskpack.rehydrate import rehydrate
 
@@ -21,8 +22,10 @@ def run_dir(tmp_path_factory, lite0):
               for n, m, p in select_parameters(lite0.model)}
     extras = {"head.weight": torch.randn(10, 1280), "head.bias": torch.zeros(10),
               "backbone._bn0.num_batches_tracked": torch.tensor(3)}
-    ckpt = {"backbone": "efficientnet_lite0", "scores": scores, "mask_mode": "threshold", "threshold": 0.0,
-            "k": 0.9, "scale": True, "extras": extras, "metadata": {"dataset": "digits"}}
+    ckpt = build_checkpoint(
+        backbone="efficientnet_lite0", backbone_hash=lite0.hash(), scores=scores, mask_mode="threshold",
+        threshold=0.0, k=0.9, scale=True, extras=extras, metadata={"dataset": "digits"}, objective={},
+        momentum={}, epoch=1, step=1, rng_torch=torch.get_rng_state(), config="{}", history="[]")
     torch.save(ckpt, d / "checkpoint.pt")
     return d, ckpt
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from maskpack import bn, runtime
 from maskpack import evaluate as ev
 from maskpack.errors import ConfigError
 
@@ -61,24 +62,24 @@ def test_evaluate_features_label_fractions():
 def test_reestimate_bn_is_cumulative_average():
     net = nn.Sequential(nn.BatchNorm1d(2, momentum=0.01)).eval()
     data = [(torch.randn(8, 2) * 3 + 5, torch.zeros(8)) for _ in range(4)]
-    n = ev.reestimate_bn_(net, data, max_batches=10)
+    n = bn.reestimate_bn_(net, data, max_batches=10)
     allx = torch.cat([x for x, _ in data])
     assert n == 4 and not net.training and net[0].momentum == 0.01
     torch.testing.assert_close(net[0].running_mean, allx.mean(0))
-    saved = ev.bn_state(net)
+    saved = bn.bn_state(net)
     net[0].running_mean.zero_()
-    ev.load_bn_state_(net, saved)
+    bn.load_bn_state_(net, saved)
     torch.testing.assert_close(net[0].running_mean, allx.mean(0))
 
 
 def test_resolve_device():
-    assert ev.resolve_device("cpu").type == "cpu"
+    assert runtime.resolve_device("cpu").type == "cpu"
     with pytest.raises(ConfigError):
-        ev.resolve_device("tpu")
+        runtime.resolve_device("tpu")
     if not torch.cuda.is_available():
-        assert ev.resolve_device("auto").type == "cpu"
+        assert runtime.resolve_device("auto").type == "cpu"
         with pytest.raises(ConfigError, match="no CUDA GPU"):
-            ev.resolve_device("cuda")
+            runtime.resolve_device("cuda")
 
 
 def test_evaluate_backbone_and_task(tmp_path):

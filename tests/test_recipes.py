@@ -59,7 +59,7 @@ def _groups(config):
         if event == "train_start":
             seen.update({g["name"]: (len(g["params"]), g["lr"] if g["lr"] else g["base_lr"],
                                      g["base_lr"], g["weight_decay"])
-                         for g in info["run"].optimizer.param_groups})
+                         for g in info["state"].optimizer.param_groups})
 
     r = run(config, callbacks=[grab])
     return seen, r
@@ -92,7 +92,7 @@ def test_score_grad_norm_gives_unit_mean_gradients_per_tensor():
 
     def grab(event, info):
         if event == "step_end" and "g" not in seen:
-            run_ = info["run"]
+            run_ = info["state"]
             seen["g"] = [float(p.grad.abs().mean()) for p in run_.score_params if p.grad is not None]
 
     # lr tiny so the step itself does not matter; gradients are inspected after the step

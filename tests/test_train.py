@@ -8,7 +8,7 @@ import torch
 
 from maskpack import masking
 from maskpack.errors import ConfigError, DataError, MaskpackError
-from maskpack.train import TrainConfig, atomic_write, layer_filter, load_checkpoint, lr_factor, run
+from maskpack.train import TrainConfig, layer_filter, load_checkpoint, lr_factor, run
 
 SUBSET = list(range(96))
 
@@ -112,17 +112,22 @@ def test_killed_run_resumes_and_leaves_no_partial_files(tmp_path):
     assert all(torch.equal(full.masks[n], resumed.masks[n]) for n in full.masks)
 
 
-def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    import os
+
+    from maskpack.io import write_atomic
+
     target = tmp_path / "x.bin"
 
-    def boom(tmp):
-        open(tmp, "wb").write(b"half")
-        raise RuntimeError("killed")
+    def boom(*a, **k):
+        raise OSError("killed")
 
-    with pytest.raises(RuntimeError):
-        atomic_write(target, boom)
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", boom)
+        with pytest.raises(OSError, match="killed"):
+            write_atomic(target, b"half")
     assert list(tmp_path.iterdir()) == []
-    atomic_write(target, lambda tmp: open(tmp, "wb").write(b"whole"))
+    write_atomic(target, b"whole")
     assert target.read_bytes() == b"whole" and len(list(tmp_path.iterdir())) == 1
 
 
@@ -150,7 +155,7 @@ def test_fft_writes_safetensors(tmp_path):
     assert ck["scores"] == {} and "backbone._conv_stem.weight" in ck["extras"]
     assert json.loads(ck["config"])["weight_decay"] == 5e-4
     from maskpack import load_backbone
-    from maskpack.evaluate import load_task_model
+    from maskpack.io import load_task as load_task_model
 
     model, meta = load_task_model(r.task_path, load_backbone())
     x = torch.randn(2, 3, 16, 16)
@@ -200,7 +205,7 @@ def test_optimizer_sees_only_trainables_and_no_decay_on_scores(tmp_path, lite0):
 
     def grab(event, info):
         if event == "train_start":
-            groups = info["run"].optimizer.param_groups
+            groups = info["state"].optimizer.param_groups
             seen["groups"] = {g["name"]: (len(g["params"]), g["weight_decay"]) for g in groups}
             seen["all_trainable"] = all(p.requires_grad for g in groups for p in g["params"])
 
@@ -241,8 +246,8 @@ def test_init_scores_and_bn_frozen(tmp_path):
 
     def grab(event, info):
         if event == "train_start":
-            seen["scores"] = masking.extract_scores(info["run"].model.backbone)
-            seen["bn"] = info["run"].model.backbone._bn0.running_mean.clone()
+            seen["scores"] = masking.extract_scores(info["state"].model.backbone)
+            seen["bn"] = info["state"].model.backbone._bn0.running_mean.clone()
 
     second = run(cfg(None, epochs=1, bn_mode="frozen", bn_reestimate=False, lr=1e-9),
                  callbacks=[grab], init_scores=first.scores)
@@ -256,7 +261,7 @@ def _bn_modes_at_first_step():
 
     def grab(event, info):
         if event == "step_end" and not modes:
-            bb = info["run"].model.backbone
+            bb = info["state"].model.backbone
             modes.update({n: m.training for n, m in bb.named_modules()
                           if isinstance(m, torch.nn.BatchNorm2d)})
 
@@ -290,7 +295,7 @@ def test_bn_mode_head_adapts_only_the_last_bn(tmp_path):
 
 
 def test_bn_mode_masked_adapts_the_bn_after_each_masked_layer(lite0):
-    from maskpack.evaluate import bn_after
+    from maskpack.bn import bn_after
 
     net = lite0.copy_model()
     owners = {n.rpartition(".")[0] for n, _, _ in
@@ -308,7 +313,7 @@ def test_bn_mode_masked_adapts_the_bn_after_each_masked_layer(lite0):
 def test_label_fraction_and_subset(tmp_path):
     seen = {}
     run(cfg(None, epochs=1, labels=0.5, max_steps_per_epoch=1),
-        callbacks=[lambda e, i: seen.setdefault("n", len(i["run"].train_set))])
+        callbacks=[lambda e, i: seen.setdefault("n", len(i["state"].loaders.train_set))])
     assert seen["n"] == pytest.approx(48, abs=5)
 
 
@@ -389,15 +394,14 @@ def test_bn_reestimation_batches_span_the_classes(tmp_path):
     # cifar10-5k). The re-estimation order is a seeded shuffle, identical between evaluations.
     from PIL import Image
 
-    from maskpack.train import _Run
+    from maskpack.train.loop import start
 
     for split in ("train", "test"):
         for c in range(4):
             (tmp_path / "if" / split / f"c{c}").mkdir(parents=True)
             for i in range(8):
                 Image.new("RGB", (8, 8), (60 * c, 0, 0)).save(tmp_path / "if" / split / f"c{c}" / f"{i}.png")
-    r = _Run(cfg(dataset=f"imagefolder:{tmp_path / 'if'}", image_size=8, batch_size=8,
-                 train_indices=None), [], None)
-    first = [next(iter(r.bn_loader))[1].tolist() for _ in range(2)]
+    s = start(cfg(dataset=f"imagefolder:{tmp_path / 'if'}", image_size=8, batch_size=8, train_indices=None))
+    first = [next(iter(s.loaders.bn))[1].tolist() for _ in range(2)]
     assert first[0] == first[1]  # the same batch every time
     assert len(set(first[0])) >= 3  # not one class

@@ -7,6 +7,7 @@ errors (:class:`maskpack.errors.MaskpackError`) become one ``Error: ...`` line a
 from __future__ import annotations
 
 import functools
+import json
 
 import click
 
@@ -27,6 +28,35 @@ def handle_errors(fn):
             raise click.ClickException(f"file not found: {exc.filename or exc}") from exc
 
     return wrapper
+
+
+def parse_set(values: tuple[str, ...]) -> dict:
+    """``--set key=value`` pairs for a TrainConfig; values are parsed as JSON when they can be
+    (numbers, lists, booleans), else kept as strings."""
+    from ..errors import ConfigError
+    from ..train import TrainConfig
+
+    names = set(TrainConfig.__dataclass_fields__)
+    out = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in names:
+            raise ConfigError(f"--set {item!r}: use KEY=VALUE with KEY one of the TrainConfig fields "
+                              "(see docs/training.md)")
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out
+
+
+def recipe_help(key: str, what: str) -> str:
+    """Help text for an option whose default comes from the recipe, generated from RECIPES so the
+    stated defaults cannot drift from the code."""
+    from ..train.config import recipe_defaults
+
+    return f"{what} Default recipe: {recipe_defaults(key)}.".lstrip()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

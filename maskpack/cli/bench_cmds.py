@@ -1,5 +1,5 @@
 """``maskpack bench``: masks against fine-tuned weights, compressed every way (a shell over
-:mod:`maskpack.bench`)."""
+:mod:`maskpack.compare`)."""
 
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def bench_cmd(mask_path, finetuned, dataset, backbone, data_dir, download, epoch
     """
     from rich.console import Console
 
-    from .. import bench
+    from .. import compare as bench
     from ..errors import ConfigError
 
     if (mask_path is None) != (finetuned is None):

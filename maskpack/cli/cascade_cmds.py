@@ -6,26 +6,8 @@ import json
 
 import click
 
-from . import handle_errors, main
-
-
-def _parse_set(values: tuple[str, ...]) -> dict:
-    """``--set key=value`` pairs for the dispatcher's TrainConfig (JSON values where they parse)."""
-    from ..errors import ConfigError
-    from ..train import TrainConfig
-
-    names = set(TrainConfig.__dataclass_fields__)
-    out = {}
-    for item in values:
-        key, sep, raw = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in names:
-            raise ConfigError(f"--set {item!r}: use KEY=VALUE with KEY one of the TrainConfig fields")
-        try:
-            out[key] = json.loads(raw)
-        except ValueError:
-            out[key] = raw
-    return out
+from ..train.config import recipe_default
+from . import handle_errors, main, parse_set
 
 
 @main.command("cascade")
@@ -37,7 +19,8 @@ def _parse_set(values: tuple[str, ...]) -> dict:
 @click.option("--epochs", type=int, default=4, show_default=True, help="Dispatcher epochs.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--lr", type=float, default=None,
-              help="Score lr (default: the recipe's, 0.002 on normalised gradients).")
+              help="Score lr of the dispatcher (default: the recipe's, "
+                   f"{recipe_default('lr', 'swav', 'mask')}).")
 @click.option("--max-steps", type=int, default=None, help="Cap the dispatcher's steps per epoch.")
 @click.option("--set", "set_values", multiple=True, metavar="KEY=VALUE",
               help="Any other dispatcher TrainConfig knob, e.g. --set swav_crops=[2,2] (repeatable).")
@@ -79,7 +62,7 @@ def cascade_cmd(dispatcher, dataset, image_size, epochs, batch_size, lr, max_ste
     mode_list = tuple(m.strip() for m in modes.split(",") if m.strip())
     train = dict(dataset=dataset, image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr,
                  max_steps_per_epoch=max_steps, threads=threads, device=device, seed=seed, quiet=quiet)
-    train.update(_parse_set(set_values))
+    train.update(parse_set(set_values))
     try:
         tc = default_train_config(**train)
     except TypeError as exc:

@@ -12,37 +12,16 @@ from ..errors import FormatError
 from ..storage.codecs import DEFAULT_CODEC, available_codecs
 from . import handle_errors, main
 
-_CKPT_KEYS = ("backbone", "scores", "mask_mode", "threshold", "k", "scale", "extras", "metadata")
-
-
-def _load_checkpoint(path: Path) -> dict:
-    import torch
-
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad or unsafe file
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise FormatError(f"{path} is not a readable training checkpoint "
-                          f"({type(exc).__name__}: {first})") from exc
-    if not isinstance(ckpt, dict):
-        raise FormatError(f"{path} is not a training checkpoint (expected a dict)")
-    missing = [k for k in ("backbone", "scores") if k not in ckpt]
-    if missing:
-        raise FormatError(f"{path} lacks {missing}: is it a maskpack training checkpoint?")
-    return ckpt
-
 
 def _pack_checkpoint(src: Path, out: str, codec: str, level: int | None) -> None:
     import maskpack
-    from maskpack.masking import masks_from_scores
+    from maskpack.checkpoint import load_checkpoint, masks_from_checkpoint
 
-    ckpt = _load_checkpoint(src)
-    backbone = maskpack.load_backbone(str(ckpt["backbone"]))
-    masks = masks_from_scores(ckpt["scores"], mode=ckpt.get("mask_mode", "threshold"),
-                              threshold=float(ckpt.get("threshold", 0.0)), k=float(ckpt.get("k", 0.9)))
-    metadata = {str(k): str(v) for k, v in (ckpt.get("metadata") or {}).items()}
-    metadata.setdefault("mask.scale", "true" if ckpt.get("scale", True) else "false")
-    maskpack.save(out, masks, backbone, extras=ckpt.get("extras") or {}, metadata=metadata,
+    ckpt = load_checkpoint(src)
+    backbone = maskpack.load_backbone(ckpt["backbone"])
+    metadata = {str(k): str(v) for k, v in ckpt["metadata"].items()}
+    metadata.setdefault("mask.scale", "true" if ckpt["scale"] else "false")
+    maskpack.save(out, masks_from_checkpoint(ckpt), backbone, extras=ckpt["extras"], metadata=metadata,
                   codec=codec, level=level)
 
 
@@ -79,9 +58,9 @@ def pack(source: Path, output: str, codec: str, level: int | None, backbone: str
         source = source / "checkpoint.pt"
         if not source.exists():
             raise FormatError(f"{source.parent} has no checkpoint.pt: is it a maskpack training run?")
-    with open(source, "rb") as f:
-        is_mask = f.read(8) == b"\x89MASK\r\n\x1a"
-    if is_mask:
+    from maskpack.io import is_mask_file
+
+    if is_mask_file(source):
         _repack(source, output, codec, level, backbone)
     else:
         _pack_checkpoint(source, output, codec, level)
@@ -102,16 +81,12 @@ def unpack(path: str, output: str, backbone: str | None) -> None:
         maskpack unpack digits.mask -o digits.safetensors
         python -c "from safetensors.torch import load_file; print(len(load_file('digits.safetensors')))"
     """
-    from safetensors.torch import save_file
-
     import maskpack
+    from maskpack.io import save_finetuned
 
     model = maskpack.load(path, backbone)
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    meta = dict(maskpack.read(path).metadata)
-    tmp = f"{output}.tmp"
-    save_file(state, tmp, metadata=meta)
-    os.replace(tmp, output)
+    state = model.state_dict()
+    save_finetuned(output, state, dict(maskpack.read(path).metadata))
     click.echo(f"wrote {output} ({len(state)} tensors, {os.path.getsize(output):,} bytes)")
 
 
@@ -120,7 +95,7 @@ def _summary(mf) -> dict:
             "backbone": {"name": mf.backbone_name, "sha256": mf.backbone_hash},
             "masked_weights": mf.numel, "active_fraction": mf.active_fraction,
             "bits_per_weight": 8 * mf.file_size / mf.numel if mf.numel else None,
-            "extras_bytes": mf._info.extras.length if mf._info.extras else 0,
+            "extras_bytes": mf.extras_bytes,
             "metadata": mf.metadata,
             "tensors": [{"name": t.name, "shape": list(t.shape), "active": t.active,
                          "active_fraction": t.active / t.numel if t.numel else 1.0, "bytes": t.length}

@@ -9,31 +9,11 @@ import re
 import click
 from click.core import ParameterSource
 
-from . import handle_errors, main
+from . import handle_errors, main, parse_set, recipe_help
 
 # CLI option name -> TrainConfig field, for options whose names differ.
 _FIELD = {"workers": "num_workers", "knn": "eval_knn", "init_from": None, "set_values": None,
           "json_out": None, "launcher": None, "max_steps": "max_steps_per_epoch", "topk": "topk_k"}
-
-
-def _parse_set(values: tuple[str, ...]) -> dict:
-    """``--set key=value`` pairs; values are parsed as JSON when they can be (numbers, lists)."""
-    from ..errors import ConfigError
-    from ..train import TrainConfig
-
-    names = {f for f in TrainConfig.__dataclass_fields__}
-    out = {}
-    for item in values:
-        key, sep, raw = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in names:
-            raise ConfigError(f"--set {item!r}: use KEY=VALUE with KEY one of the TrainConfig fields "
-                              "(see docs/training.md)")
-        try:
-            out[key] = json.loads(raw)
-        except ValueError:
-            out[key] = raw
-    return out
 
 
 def _slug(text: str) -> str:
@@ -52,34 +32,34 @@ def _slug(text: str) -> str:
 @click.option("--method", type=click.Choice(["mask", "topk", "fft"]), default="mask", show_default=True,
               help="mask: scores > 0 (the paper); topk: keep the top fraction; fft: full fine-tuning.")
 @click.option("--recipe", default="default", show_default=True,
-              help="Named defaults for lr, head lr, warm-up, BN and SwAV views: default (masks: "
-                   "per-tensor normalised score updates at lr 0.002 + BN weight/bias trained; SwAV: "
-                   "small-image views and head, docs/training.md; docs/recipe-study.md), paper (the "
-                   "paper's: raw score lr 50, 40/150 warm-up, SwAV's own views), lr50 (the former "
-                   "default).")
+              help="Named defaults for lr, head lr, warm-up, BN, masked layers and SwAV views: default "
+                   "(per-tensor normalised score updates on the last layers, docs/training.md), "
+                   "normalized (the same on every layer), paper (the paper's raw score lr 50, 40/150 "
+                   "warm-up, SwAV's own views), lr50 (raw lr 50, 1-epoch warm-up).")
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--lr", type=float, default=None,
-              help="Score lr for masks (default 0.002 on normalised gradients, SwAV 0.001; paper: 50) "
-                   "or weight lr for fft (0.01).")
+              help=recipe_help("lr", "Score lr for masks (on per-tensor normalised gradients in the default "
+                               "recipe; the paper's raw lr is 50), weight lr for fft."))
 @click.option("--head-lr", type=float, default=None,
-              help="Head / SwAV projection lr (default 0.01; SwAV masks 1.0; fft: --lr).")
-@click.option("--weight-decay", type=float, default=None, help="fft only (default 5e-4); never on scores.")
+              help=recipe_help("head_lr", "Head / SwAV projection lr."))
+@click.option("--weight-decay", type=float, default=None,
+              help=recipe_help("weight_decay", "Weight decay of fft weights; never applied to scores."))
 @click.option("--warmup", default=None, help="Linear warm-up: epochs (fractional ok) or 'a/b' of them.")
 @click.option("--image-size", type=int, default=None,
               help="Input side in px (default: the dataset's, at most the backbone's).")
 @click.option("--labels", type=float, default=1.0, show_default=True, help="Fraction of labels used.")
 @click.option("--mask-layers", default=None,
               help="Weights to mask: all, pointwise, no-depthwise, no-stem, last (the conv before the "
-                   "pooled features), last:N (the last N), joined by '+', or re:REGEX.  "
-                   "[default: the recipe's]")
+                   "pooled features), last:N (the last N), joined by '+', or re:REGEX. "
+                   + recipe_help("mask_layers", ""))
 @click.option("--topk", type=float, default=0.9, show_default=True, help="Fraction kept by --method topk.")
 @click.option("--detach-alpha", is_flag=True, help="Stop the gradient through alpha = sqrt(mean(M)).")
 @click.option("--bn-mode", type=click.Choice(["train", "frozen", "head", "masked"]), default=None,
               help="train: BN statistics update during training; frozen: BN stays in eval mode; "
                    "head: only the last BN layer (before the pooled features) updates; masked: only "
                    "the BN right after each masked layer. Updated ones are re-estimated before "
-                   "evaluation.  [default: the recipe's]")
+                   "evaluation. " + recipe_help("bn_mode", ""))
 @click.option("--bn-reestimate/--no-bn-reestimate", default=None,
               help="Re-estimate BN statistics on clean training images before evaluating and saving.")
 @click.option("--sync-bn", is_flag=True,
@@ -130,7 +110,7 @@ def train_cmd(ctx: click.Context, **opts) -> None:
                           "`torchrun --nproc-per-node N -m maskpack train ...` (docs/distributed.md)")
     init_from = opts.pop("init_from")
     json_out = opts.pop("json_out")
-    extra = _parse_set(opts.pop("set_values"))
+    extra = parse_set(opts.pop("set_values"))
     if opts["out"] is None:
         opts["out"] = f"runs/{_slug(opts['dataset'])}-{opts['objective']}-{opts['method']}"
     fields = {(_FIELD.get(k) or k): v for k, v in opts.items() if _FIELD.get(k, k) is not None}
@@ -193,7 +173,7 @@ def eval_cmd(task, backbone, dataset, data_dir, download, image_size, labels, kn
     from ..evaluate import evaluate
 
     fracs = parse_fractions(labels)
-    from ..cascade import evaluate_cascade, is_cascade  # cascade files (issue 7, maskpack/cascade.py)
+    from ..cascade import evaluate_cascade, is_cascade
 
     if task is not None and is_cascade(task):
         res = evaluate_cascade(task, backbone=backbone, dataset=dataset, image_size=image_size,

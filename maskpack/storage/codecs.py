@@ -59,6 +59,31 @@ class Codec:
             raise CodecError(f"codec {self.name!r} takes levels {lo}..{hi}, got {level}")
         return int(level)
 
+    def compress(self, data: bytes, level: int | None = None) -> bytes:
+        """Compress raw bytes with this general-purpose codec (every codec but ``ans``).
+
+        Args:
+            data: any bytes.
+            level: compression level (None: the codec's default).
+
+        Returns:
+            The compressed payload; :meth:`decompress` restores ``data``.
+        """
+        if self.needs_backbone:
+            raise CodecError(f"codec {self.name!r} codes masks only; compress bytes with a general codec")
+        level = self.check_level(level)
+        return data if self._encode is None else self._encode(data, level)
+
+    def decompress(self, payload: bytes, size: int) -> bytes:
+        """Inverse of :meth:`compress`; ``size`` is the original length (an output cap)."""
+        if self.needs_backbone:
+            raise CodecError(f"codec {self.name!r} codes masks only; decompress bytes with a general codec")
+        if self._decode is None:
+            return bytes(payload)
+        if size == 0 and self.name == "lz4":  # lz4's frame of empty input decodes without a cap
+            return b""
+        return self._decode(bytes(payload), size)
+
     def encode(self, mask: np.ndarray, absw: Absw = None, level: int | None = None) -> bytes:
         """Compress a flat bool array (``absw``: flat |W|, only used by ``ans``)."""
         level = self.check_level(level)
