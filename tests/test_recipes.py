@@ -93,7 +93,7 @@ def test_score_grad_norm_gives_unit_mean_gradients_per_tensor():
     def grab(event, info):
         if event == "step_end" and "g" not in seen:
             run_ = info["state"]
-            seen["g"] = [float(p.grad.abs().mean()) for p in run_.score_params if p.grad is not None]
+            seen["g"] = [float(p.grad.abs().mean()) for p in run_.optim.score_params if p.grad is not None]
 
     # lr tiny so the step itself does not matter; gradients are inspected after the step
     run(cfg(score_grad_norm=True, lr=1e-6), callbacks=[grab])

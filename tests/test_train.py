@@ -343,7 +343,7 @@ def test_resume_guards(tmp_path):
         run(cfg(tmp_path, "r", epochs=2, seed=5, resume=True))
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(MaskpackError, match="not a readable maskpack checkpoint"):
+    with pytest.raises(MaskpackError, match="is not a readable training checkpoint"):
         run(cfg(tmp_path, "bad", resume=True))
 
 

@@ -83,6 +83,10 @@ class RunState:
         return self.parts.objective
 
     @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.optim.optimizer
+
+    @property
     def masked(self) -> bool:
         return self.parts.masked
 
