@@ -4,8 +4,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch is pinned here (not in pyproject, which keeps ranges) to the pair that installs from
-# this workplace's disk; any torch>=2.2 works.
+# The tested torch/torchvision pair, installed before the package. pyproject.toml keeps ranges
+# (torch>=2.2); set TORCH_PINS to install another pair.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup demo test lint clean
