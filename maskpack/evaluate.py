@@ -292,7 +292,7 @@ def _load_fft(path: Path, backbone) -> tuple[TaskModel, dict[str, str]]:
 def evaluate(task: str | os.PathLike | None, *, backbone: str | None = None, dataset: str | None = None,
              image_size: int | None = None, fractions: Sequence[float] = (1.0,), knn: bool = True,
              probe: bool = True, baseline: bool = True, data_dir: str | None = None,
-             download: bool = False, device: str = "auto", batch_size: int = 256, seed: int = 0,
+             download: bool | None = None, device: str = "auto", batch_size: int = 256, seed: int = 0,
              num_workers: int = 0) -> dict[str, dict[str, float]]:
     """Evaluate a trained task (and the plain backbone) on a dataset.
 

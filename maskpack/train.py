@@ -162,7 +162,7 @@ class TrainConfig:
     backbone: str = "efficientnet_lite0"
     dataset: str = "digits"
     data_dir: str | None = None
-    download: bool = False
+    download: bool | None = None  # fetch missing CIFAR: None = unless MASKPACK_OFFLINE is set
     objective: str = "supervised"  # supervised | swav
     method: str = "mask"  # mask | topk | fft
     recipe: str = "default"
@@ -527,7 +527,7 @@ class _Run:
         self.cuda = self.device.type == "cuda"
         self.backbone = load_backbone(c.backbone)
         self.data = load_dataset(c.dataset, image_size=c.image_size, data_dir=c.data_dir,
-                                 download=c.download)
+                                 download=c.download, quiet=c.quiet)
         if c.image_size is None:
             c.image_size = min(self.data.native_size, self.backbone.input_size)
         self.config = c
