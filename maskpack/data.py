@@ -4,7 +4,8 @@ Datasets (by name):
     * ``digits``: scikit-learn's bundled 8x8 digits, upsampled to RGB at the chosen size, with a
       fixed 1,400 / 397 train/test split. Needs no download: the embedded default.
     * ``cifar10`` / ``cifar100``: torchvision's classes over the official python archives in
-      ``data_dir`` (``download=True`` fetches them).
+      ``data_dir`` (default ``~/.cache/maskpack/data``), fetched there on first use (md5-checked,
+      see :mod:`maskpack.download`) unless ``download=False`` or ``MASKPACK_OFFLINE`` is set.
     * ``imagefolder:PATH``: ``PATH/train/<class>/*`` and ``PATH/test/<class>/*`` as torchvision's
       ``ImageFolder`` reads them.
 
@@ -107,22 +108,29 @@ def _digits(image_size: int) -> DataBundle:
 _CIFAR_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
 
-def _cifar(name: str, data_dir: str | None, download: bool) -> DataBundle:
+def _cifar(name: str, data_dir: str | None, download: bool | None, quiet: bool) -> DataBundle:
     from torchvision import datasets
 
-    root = os.path.expanduser(data_dir or os.path.join("~", ".cache", "maskpack", "data"))
+    from .download import CIFAR, data_root, ensure_cifar
+
+    root = str(data_root(data_dir))
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-    try:
-        train = cls(root, train=True, download=download)
-        test = cls(root, train=False, download=download)
-    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted ..."
-        raise DataError(
-            f"{name} files not found or corrupted in {root}: put the official python archive's "
-            f"folder '{_CIFAR_DIRS[name]}' there (--data-dir DIR), or add --download to fetch it "
-            f"({exc})") from exc
-    except OSError as exc:  # download failure
-        raise DataError(f"could not download {name} into {root}: {exc}; download it elsewhere and "
-                        f"put '{_CIFAR_DIRS[name]}' under --data-dir") from exc
+
+    def open_splits():
+        try:  # torchvision checks every extracted file's md5 and reads the pickled batches
+            return cls(root, train=True), cls(root, train=False)
+        except RuntimeError:  # "Dataset not found or corrupted"
+            return None
+
+    splits = open_splits()
+    if splits is None:
+        ensure_cifar(name, root, download=download, quiet=quiet, present=lambda: open_splits() is not None)
+        splits = open_splits()
+    if splits is None:
+        a = CIFAR[name]
+        raise DataError(f"{name}: {root}/{a.folder} fails torchvision's checksums even after extracting "
+                        f"{a.filename}: delete that folder and the archive, then run again")
+    train, test = splits
     return DataBundle(name, train, test, len(train.classes), list(train.classes), 32)
 
 
@@ -153,22 +161,28 @@ def dataset_names() -> list[str]:
 
 
 def load_dataset(name: str, *, image_size: int | None = None, data_dir: str | None = None,
-                 download: bool = False) -> DataBundle:
+                 download: bool | None = None, quiet: bool = False) -> DataBundle:
     """Open a named dataset's train and test splits (raw images, no transforms).
 
     Args:
         name: ``digits``, ``cifar10``, ``cifar100`` or ``imagefolder:PATH``.
         image_size: digits are rendered at this size (default 32); others ignore it here.
         data_dir: where the CIFAR archives live (default ``~/.cache/maskpack/data``).
-        download: let torchvision fetch the CIFAR archives.
+        download: a missing CIFAR archive is fetched when True, never when False, and when None
+            unless the environment sets ``MASKPACK_OFFLINE`` (see :mod:`maskpack.download`).
+        quiet: no download progress bar or messages (they go to stderr).
+
+    Returns:
+        The dataset's :class:`DataBundle`.
 
     Raises:
-        DataError: unknown name, or files missing (the message says where to put them).
+        DataError: unknown name, files missing while downloading is off (the message says which
+            archive to put where), or a failed download.
     """
     if name == "digits":
         return _digits(image_size or 32)
     if name in _CIFAR_DIRS:
-        return _cifar(name, data_dir, download)
+        return _cifar(name, data_dir, download, quiet)
     if name.startswith("imagefolder:"):
         path = name.removeprefix("imagefolder:")
         if not path:

@@ -167,7 +167,7 @@ def evaluate_model(model: nn.Module, data: DataBundle, *, image_size: int, mean,
 def evaluate(task: str | os.PathLike | None, *, backbone: str | None = None, dataset: str | None = None,
              image_size: int | None = None, fractions: Sequence[float] = (1.0,), knn: bool = True,
              probe: bool = True, baseline: bool = True, data_dir: str | None = None,
-             download: bool = False, device: str = "auto", batch_size: int = 256, seed: int = 0,
+             download: bool | None = None, device: str = "auto", batch_size: int = 256, seed: int = 0,
              num_workers: int = 0) -> dict[str, dict[str, float]]:
     """Evaluate a trained task (and the plain backbone) on a dataset.
 

@@ -3,6 +3,14 @@ import torch
 from torch import nn
 
 
+@pytest.fixture(autouse=True)
+def _no_dataset_downloads(monkeypatch):
+    """No test fetches a dataset from the internet: downloading is off, and a test that turns it
+    on must also point MASKPACK_CIFAR_URL at its own server (tests/test_download.py)."""
+    monkeypatch.setenv("MASKPACK_OFFLINE", "1")
+    monkeypatch.setenv("MASKPACK_CIFAR_URL", "http://127.0.0.1:9/no-downloads-in-tests")
+
+
 @pytest.fixture(scope="session")
 def lite0():
     from maskpack import load_backbone

@@ -238,7 +238,7 @@ def test_bench_trains_on_tiny_cifar100(tmp_path, tiny_registry, tiny_cifar100):
 def test_bench_missing_cifar_is_one_clear_error(tmp_path, tiny_registry):
     r = CliRunner().invoke(main, ["bench", "--dataset", "cifar100", "--data-dir", str(tmp_path),
                                   "--backbone", TINY, "--out", str(tmp_path / "r")])
-    assert r.exit_code == 1 and "Error: cifar100 files not found" in r.output
+    assert r.exit_code == 1 and f"Error: cifar100 is not in {tmp_path} and downloading is off" in r.output
 
 
 @pytest.mark.slow

@@ -8,8 +8,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import maskpack
-from maskpack.cli import main
 from maskpack.checkpoint import build_checkpoint
+from maskpack.cli import main
 from maskpack.masking import masks_from_scores, select_parameters
 from maskpack.rehydrate import rehydrate
 

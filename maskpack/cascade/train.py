@@ -286,7 +286,8 @@ def _dispatcher_stage(c: CascadeConfig, out: Path, log: Log) -> tuple[_Task, Any
         disp = _run_dir_task(out / "dispatcher", tc)
     dcfg = dataclasses.replace(disp.config, quiet=c.quiet or disp.config.quiet)
     if c.train is not None and c.dispatcher is not None:  # runtime knobs (threads, device) from the caller
-        dcfg = dataclasses.replace(dcfg, threads=c.train.threads, device=c.train.device)
+        dcfg = dataclasses.replace(dcfg, threads=c.train.threads, device=c.train.device,
+                                   download=c.train.download)
     return disp, dcfg
 
 
@@ -349,7 +350,8 @@ def train_cascade(config: CascadeConfig) -> CascadeResult:
     t0 = time.perf_counter()
     disp, dcfg = _dispatcher_stage(c, out, log)
     bb = load_backbone(dcfg.backbone)
-    data = load_dataset(dcfg.dataset, image_size=dcfg.image_size, data_dir=dcfg.data_dir)
+    data = load_dataset(dcfg.dataset, image_size=dcfg.image_size, data_dir=dcfg.data_dir,
+                        download=dcfg.download, quiet=dcfg.quiet)
     size = int(dcfg.image_size or min(data.native_size, bb.input_size))
     train_idx = c.train_indices if c.train_indices is not None else (
         dcfg.train_indices if dcfg.train_indices is not None else list(range(len(data.train))))
@@ -390,7 +392,7 @@ def train_cascade(config: CascadeConfig) -> CascadeResult:
 
 def evaluate_cascade(path: str | os.PathLike, *, backbone: str | None = None, dataset: str | None = None,
                      image_size: int | None = None, fractions=(1.0,), knn: bool = True, probe: bool = True,
-                     baseline: bool = True, data_dir: str | None = None, download: bool = False,
+                     baseline: bool = True, data_dir: str | None = None, download: bool | None = None,
                      batch_size: int = 256, seed: int = 0) -> dict[str, dict[str, float]]:
     """k-NN / probe of a stored cascade's dispatcher and each stored mode (and the plain backbone).
 

@@ -64,7 +64,9 @@ def render(result, console) -> None:
               help="digits (embedded), cifar10, cifar100 or imagefolder:PATH.")
 @click.option("--backbone", default="efficientnet_lite0", show_default=True, help="Backbone registry name.")
 @click.option("--data-dir", default=None, help="Where the CIFAR archives live (~/.cache/maskpack/data).")
-@click.option("--download", is_flag=True, help="Let torchvision download CIFAR into --data-dir.")
+@click.option("--download/--no-download", default=None,
+              help="Fetch a missing CIFAR archive into --data-dir (md5-checked). Default: yes, unless "
+                   "MASKPACK_OFFLINE=1; --no-download never uses the network.")
 @click.option("--epochs", type=int, default=6, show_default=True, help="Epochs for each of the two runs.")
 @click.option("--image-size", type=int, default=32, show_default=True, help="Input side in px.")
 @click.option("--batch-size", type=int, default=64, show_default=True)

@@ -15,6 +15,10 @@ from . import handle_errors, main, parse_set
               help="Use this dispatcher (run directory, checkpoint.pt or .mask) instead of training one.")
 @click.option("--dataset", default="digits", show_default=True,
               help="Dispatcher training data: digits, cifar10, cifar100 or imagefolder:PATH.")
+@click.option("--data-dir", default=None, help="Where the CIFAR archives live (~/.cache/maskpack/data).")
+@click.option("--download/--no-download", default=None,
+              help="Fetch a missing CIFAR archive into --data-dir (md5-checked). Default: yes, unless "
+                   "MASKPACK_OFFLINE=1; --no-download never uses the network.")
 @click.option("--image-size", type=int, default=32, show_default=True)
 @click.option("--epochs", type=int, default=4, show_default=True, help="Dispatcher epochs.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
@@ -40,9 +44,9 @@ from . import handle_errors, main, parse_set
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "json_out", is_flag=True, help="Print the results as JSON.")
 @handle_errors
-def cascade_cmd(dispatcher, dataset, image_size, epochs, batch_size, lr, max_steps, set_values, experts,
-                router_dim, expert_steps, modes, combine_dtype, probe, seed, threads, device, out, quiet,
-                json_out) -> None:
+def cascade_cmd(dispatcher, dataset, data_dir, download, image_size, epochs, batch_size, lr, max_steps,
+                set_values, experts, router_dim, expert_steps, modes, combine_dtype, probe, seed, threads,
+                device, out, quiet, json_out) -> None:
     """Train a cascade: a SwAV dispatcher mask, a PCA + Gaussian-mixture router, one expert
     mask per cluster (initialised from the dispatcher), and a whitened-PCA combination.
 
@@ -60,8 +64,9 @@ def cascade_cmd(dispatcher, dataset, image_size, epochs, batch_size, lr, max_ste
     from ..errors import ConfigError
 
     mode_list = tuple(m.strip() for m in modes.split(",") if m.strip())
-    train = dict(dataset=dataset, image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr,
-                 max_steps_per_epoch=max_steps, threads=threads, device=device, seed=seed, quiet=quiet)
+    train = dict(dataset=dataset, data_dir=data_dir, download=download, image_size=image_size, epochs=epochs,
+                 batch_size=batch_size, lr=lr, max_steps_per_epoch=max_steps, threads=threads, device=device,
+                 seed=seed, quiet=quiet)
     train.update(parse_set(set_values))
     try:
         tc = default_train_config(**train)

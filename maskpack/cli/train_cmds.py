@@ -26,7 +26,9 @@ def _slug(text: str) -> str:
 @click.option("--dataset", default="digits", show_default=True,
               help="digits, cifar10, cifar100 or imagefolder:PATH (PATH/train, PATH/test).")
 @click.option("--data-dir", default=None, help="Where the CIFAR archives live (~/.cache/maskpack/data).")
-@click.option("--download", is_flag=True, help="Let torchvision download CIFAR into --data-dir.")
+@click.option("--download/--no-download", default=None,
+              help="Fetch a missing CIFAR archive into --data-dir (md5-checked). Default: yes, unless "
+                   "MASKPACK_OFFLINE=1; --no-download never uses the network.")
 @click.option("--objective", type=click.Choice(["supervised", "swav"]), default="supervised",
               show_default=True)
 @click.option("--method", type=click.Choice(["mask", "topk", "fft"]), default="mask", show_default=True,
@@ -145,8 +147,10 @@ def train_cmd(ctx: click.Context, **opts) -> None:
 @click.argument("task", required=False, type=click.Path(exists=True))
 @click.option("--backbone", default=None, help="Backbone (default: the task's, else efficientnet_lite0).")
 @click.option("--dataset", default=None, help="Dataset (default: the task's, else digits).")
-@click.option("--data-dir", default=None, help="Where the CIFAR archives live.")
-@click.option("--download", is_flag=True, help="Let torchvision download CIFAR.")
+@click.option("--data-dir", default=None, help="Where the CIFAR archives live (~/.cache/maskpack/data).")
+@click.option("--download/--no-download", default=None,
+              help="Fetch a missing CIFAR archive into --data-dir (md5-checked). Default: yes, unless "
+                   "MASKPACK_OFFLINE=1; --no-download never uses the network.")
 @click.option("--image-size", type=int, default=None, help="Input side (default: the task's).")
 @click.option("--labels", default="1.0", show_default=True,
               help="Label fractions for k-NN and the probe, comma-separated (e.g. 0.01,0.1,1.0).")

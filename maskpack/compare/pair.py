@@ -40,7 +40,7 @@ class PairConfig:
     image_size: int | None = 32
     batch_size: int = 64
     data_dir: str | None = None
-    download: bool = False
+    download: bool | None = None
     out: str = "runs/bench"
     device: str = "auto"
     seed: int = 0

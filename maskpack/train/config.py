@@ -92,7 +92,7 @@ class TrainConfig:
     backbone: str = _fixed("efficientnet_lite0")
     dataset: str = _fixed("digits")
     data_dir: str | None = None
-    download: bool = False
+    download: bool | None = None  # None: fetch a missing CIFAR archive unless MASKPACK_OFFLINE is set
     objective: str = _fixed("supervised")  # supervised | swav
     method: str = _fixed("mask")  # mask | topk | fft
     recipe: str = "default"

@@ -200,7 +200,8 @@ def start(config: TrainConfig, init_scores=None) -> RunState:
     if c.threads:
         torch.set_num_threads(c.threads)
     backbone = load_backbone(c.backbone)
-    data = load_dataset(c.dataset, image_size=c.image_size, data_dir=c.data_dir, download=c.download)
+    data = load_dataset(c.dataset, image_size=c.image_size, data_dir=c.data_dir, download=c.download,
+                        quiet=c.quiet)
     if c.image_size is None:
         c.image_size = min(data.native_size, backbone.input_size)
     torch.manual_seed(c.seed)
