@@ -484,7 +484,7 @@ def train_cascade(config: CascadeConfig) -> CascadeResult:
     dcfg = dataclasses.replace(disp.config, quiet=c.quiet or disp.config.quiet)
     if c.train is not None and c.dispatcher is not None:  # runtime knobs (threads, device) from the caller
         dcfg = dataclasses.replace(dcfg, threads=c.train.threads, device=c.train.device)
-    bb = load_backbone(dcfg.backbone)
+    bb = load_backbone(dcfg.backbone, weights=dcfg.backbone_weights)
     data = load_dataset(dcfg.dataset, image_size=dcfg.image_size, data_dir=dcfg.data_dir)
     size = int(dcfg.image_size or min(data.native_size, bb.input_size))
     train_idx = c.train_indices if c.train_indices is not None else (

@@ -160,6 +160,7 @@ class TrainConfig:
 
     # what
     backbone: str = "efficientnet_lite0"
+    backbone_weights: str | None = None  # local weights file for the backbone (docs/backbones.md)
     dataset: str = "digits"
     data_dir: str | None = None
     download: bool = False
@@ -525,7 +526,7 @@ class _Run:
         if c.threads:
             torch.set_num_threads(c.threads)
         self.cuda = self.device.type == "cuda"
-        self.backbone = load_backbone(c.backbone)
+        self.backbone = load_backbone(c.backbone, weights=c.backbone_weights)
         self.data = load_dataset(c.dataset, image_size=c.image_size, data_dir=c.data_dir,
                                  download=c.download)
         if c.image_size is None:
@@ -562,7 +563,8 @@ class _Run:
             owners = {n.rpartition(".")[0] for n, _, _ in
                       masking.select_parameters(net, masked_filter, mask_bias=c.mask_bias)}
             self.adapt_bn_names = bn_after(net, owners)
-        if c.bn_mode in ("head", "masked") and not self.adapt_bn_names:
+        # a backbone without BatchNorm (ViT, ConvNeXt) has no statistics: every BN mode is the same
+        if c.bn_mode in ("head", "masked") and not self.adapt_bn_names and last_bn_name(net) is not None:
             raise ConfigError(f"--bn-mode {c.bn_mode}: backbone {c.backbone!r} has no BatchNorm layer "
                               f"to adapt{' after a masked layer' if c.bn_mode == 'masked' else ''}; "
                               "use --bn-mode train or frozen")
