@@ -64,7 +64,8 @@ def adapting_bn_names(model: nn.Module, mode: str, masked_owners: set[str], *,
         names = [n for n in [last_bn_name(model)] if n is not None]
     elif mode == "masked":
         names = bn_after(model, masked_owners)
-    if mode in ("head", "masked") and not names:
+    # a backbone without any BatchNorm (ViT, ConvNeXt) has nothing to adapt: head / masked are no-ops
+    if mode in ("head", "masked") and not names and last_bn_name(model) is not None:
         raise ConfigError(f"--bn-mode {mode}: backbone {backbone!r} has no BatchNorm layer to adapt"
                           f"{' after a masked layer' if mode == 'masked' else ''}; "
                           "use --bn-mode train or frozen")

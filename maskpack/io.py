@@ -365,7 +365,9 @@ def _check_hash(mf: MaskFile, actual: str, given_name: str) -> None:
     if actual != mf.backbone_hash:
         raise BackboneMismatchError(
             f"{mf.path} was made for backbone {mf.backbone_name!r} (sha256 {mf.backbone_hash}), but the "
-            f"given backbone {given_name!r} has sha256 {actual}: load it with the backbone it was trained on",
+            f"given backbone {given_name!r} has sha256 {actual}: load it with the backbone it was trained on "
+            "(trained on a local weights file: backbone=load_backbone(name, weights=PATH), CLI "
+            "--backbone-weights PATH)",
             expected=mf.backbone_hash, actual=actual, backbone_name=mf.backbone_name)
 
 
@@ -398,7 +400,8 @@ def load(path: str | os.PathLike, backbone=None) -> TaskModel:
     Args:
         path: the ``.mask`` file.
         backbone: a :class:`maskpack.Backbone`, an ``nn.Module``, a registry name, or None to
-            load the backbone named in the file.
+            load the backbone named in the file. A backbone built from a local weights file is
+            given as ``load_backbone(mf.backbone_name, weights=PATH)``; its hash is checked.
 
     Raises:
         BackboneMismatchError: the backbone's hash differs from the one stored in the file.

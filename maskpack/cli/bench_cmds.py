@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from . import handle_errors, main
+from . import backbone_from, backbone_weights_option, handle_errors, main
 
 
 def _size(n: int) -> str:
@@ -63,6 +63,7 @@ def render(result, console) -> None:
 @click.option("--dataset", default="digits", show_default=True,
               help="digits (embedded), cifar10, cifar100 or imagefolder:PATH.")
 @click.option("--backbone", default="efficientnet_lite0", show_default=True, help="Backbone registry name.")
+@backbone_weights_option
 @click.option("--data-dir", default=None, help="Where the CIFAR archives live (~/.cache/maskpack/data).")
 @click.option("--download/--no-download", default=None,
               help="Fetch a missing CIFAR archive into --data-dir (md5-checked). Default: yes, unless "
@@ -83,8 +84,9 @@ def render(result, console) -> None:
               help="Codec runs at once (default: one per CPU); 1 measures uncontended speeds.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress; print only the table and headline.")
 @handle_errors
-def bench_cmd(mask_path, finetuned, dataset, backbone, data_dir, download, epochs, image_size, batch_size,
-              device, seed, max_steps, out, json_path, plot_path, jobs, quiet) -> None:
+def bench_cmd(mask_path, finetuned, dataset, backbone, backbone_weights, data_dir, download, epochs,
+              image_size, batch_size, device, seed, max_steps, out, json_path, plot_path, jobs,
+              quiet) -> None:
     """Compare storing a task as a mask with storing it as a full fine-tune.
 
     Trains a mask and a full fine-tune with the same budget (or takes existing ones), then
@@ -118,7 +120,8 @@ def bench_cmd(mask_path, finetuned, dataset, backbone, data_dir, download, epoch
     t0 = time.perf_counter()
     info: dict = {}
     if mask_path is None:
-        cfg = bench.PairConfig(dataset=dataset, backbone=backbone, epochs=epochs, image_size=image_size,
+        cfg = bench.PairConfig(dataset=dataset, backbone=backbone, backbone_weights=backbone_weights,
+                               epochs=epochs, image_size=image_size,
                                batch_size=batch_size, data_dir=data_dir, download=download, out=out,
                                device=device, seed=seed, max_steps_per_epoch=max_steps, quiet=quiet)
         if not quiet:
@@ -127,7 +130,11 @@ def bench_cmd(mask_path, finetuned, dataset, backbone, data_dir, download, epoch
         pair = bench.train_pair(cfg)
         mask_path, finetuned = pair["mask_path"], pair["fft_path"]
         info = {"dataset": dataset, "epochs": epochs, "image_size": image_size, "train_s": pair["train_s"]}
-    result = _compare(bench, mask_path, finetuned, info, quiet, console, jobs)
+    from ..io import read
+
+    # the backbone the mask names, built from the local weights file when one is given
+    bb = backbone_from(None, backbone_weights, read(mask_path).backbone_name) if backbone_weights else None
+    result = _compare(bench, mask_path, finetuned, info, quiet, console, jobs, bb)
     result.info["total_s"] = time.perf_counter() - t0
     render(result, console)
     if json_path:
@@ -140,9 +147,9 @@ def bench_cmd(mask_path, finetuned, dataset, backbone, data_dir, download, epoch
             console.print(f"wrote {plot_path}")
 
 
-def _compare(bench, mask_path, finetuned, info, quiet, console, jobs):
+def _compare(bench, mask_path, finetuned, info, quiet, console, jobs, backbone=None):
     if quiet:
-        return bench.compare_files(mask_path, finetuned, info=info, workers=jobs)
+        return bench.compare_files(mask_path, finetuned, backbone=backbone, info=info, workers=jobs)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     steps = 2 + len(bench.GENERAL) + 2 * len(bench.FP32_DEFAULT) + 2
@@ -153,7 +160,8 @@ def _compare(bench, mask_path, finetuned, info, quiet, console, jobs):
         def step(label: str) -> None:  # called as each method finishes
             prog.update(task, description=label, advance=1)
 
-        result = bench.compare_files(mask_path, finetuned, info=info, progress=step, workers=jobs)
+        result = bench.compare_files(mask_path, finetuned, backbone=backbone, info=info, progress=step,
+                                     workers=jobs)
         prog.update(task, completed=steps)
     return result
 

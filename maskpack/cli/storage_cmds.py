@@ -10,26 +10,36 @@ import click
 
 from ..errors import FormatError
 from ..storage.codecs import DEFAULT_CODEC, available_codecs
-from . import handle_errors, main
+from . import backbone_from, backbone_weights_option, handle_errors, main
 
 
-def _pack_checkpoint(src: Path, out: str, codec: str, level: int | None) -> None:
+def _recorded_weights(ckpt: dict) -> str | None:
+    """The backbone weights file a training run recorded in its checkpoint's config, if any."""
+    try:
+        value = json.loads(ckpt.get("config") or "{}").get("backbone_weights")
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _pack_checkpoint(src: Path, out: str, codec: str, level: int | None, weights: str | None) -> None:
     import maskpack
     from maskpack.checkpoint import load_checkpoint, masks_from_checkpoint
 
     ckpt = load_checkpoint(src)
-    backbone = maskpack.load_backbone(ckpt["backbone"])
+    backbone = maskpack.load_backbone(ckpt["backbone"], weights=weights or _recorded_weights(ckpt))
     metadata = {str(k): str(v) for k, v in ckpt["metadata"].items()}
     metadata.setdefault("mask.scale", "true" if ckpt["scale"] else "false")
     maskpack.save(out, masks_from_checkpoint(ckpt), backbone, extras=ckpt["extras"], metadata=metadata,
                   codec=codec, level=level)
 
 
-def _repack(src: Path, out: str, codec: str, level: int | None, backbone_name: str | None) -> None:
+def _repack(src: Path, out: str, codec: str, level: int | None, backbone_name: str | None,
+            weights: str | None) -> None:
     import maskpack
 
     mf = maskpack.read(src)
-    backbone = maskpack.load_backbone(backbone_name or mf.backbone_name)
+    backbone = maskpack.load_backbone(backbone_name or mf.backbone_name, weights=weights)
     maskpack.save(out, mf.masks(backbone), backbone, extras=mf.extras, metadata=mf.metadata,
                   codec=codec, level=level)
 
@@ -43,11 +53,15 @@ def _repack(src: Path, out: str, codec: str, level: int | None, backbone_name: s
               help="Compression level (gzip/bz2/lzma 0-9, zstd 1-22, lz4 1-12).")
 @click.option("--backbone", default=None,
               help="Backbone to re-encode a .mask with (default: the stored name).")
+@backbone_weights_option
 @handle_errors
-def pack(source: Path, output: str, codec: str, level: int | None, backbone: str | None) -> None:
+def pack(source: Path, output: str, codec: str, level: int | None, backbone: str | None,
+         backbone_weights: str | None) -> None:
     """Write a .mask file from a training run, a checkpoint, or another .mask (re-encode).
 
-    SOURCE is a run directory holding checkpoint.pt, a checkpoint file, or a .mask file.
+    SOURCE is a run directory holding checkpoint.pt, a checkpoint file, or a .mask file. A run
+    trained on a local weights file packs with that file (recorded in its config) unless
+    --backbone-weights names another.
 
     \b
     Example:
@@ -61,9 +75,9 @@ def pack(source: Path, output: str, codec: str, level: int | None, backbone: str
     from maskpack.io import is_mask_file
 
     if is_mask_file(source):
-        _repack(source, output, codec, level, backbone)
+        _repack(source, output, codec, level, backbone, backbone_weights)
     else:
-        _pack_checkpoint(source, output, codec, level)
+        _pack_checkpoint(source, output, codec, level, backbone_weights)
     click.echo(f"wrote {output} ({os.path.getsize(output):,} bytes, codec {codec})")
 
 
@@ -72,19 +86,21 @@ def pack(source: Path, output: str, codec: str, level: int | None, backbone: str
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="The .safetensors file to write.")
 @click.option("--backbone", default=None, help="Backbone name (default: the one stored in the file).")
+@backbone_weights_option
 @handle_errors
-def unpack(path: str, output: str, backbone: str | None) -> None:
+def unpack(path: str, output: str, backbone: str | None, backbone_weights: str | None) -> None:
     """Write the full rehydrated model (TaskModel state dict) as safetensors.
 
     \b
     Example:
         maskpack unpack digits.mask -o digits.safetensors
+        maskpack unpack vit.mask -o vit.safetensors --backbone-weights vit_small.safetensors
         python -c "from safetensors.torch import load_file; print(len(load_file('digits.safetensors')))"
     """
     import maskpack
     from maskpack.io import save_finetuned
 
-    model = maskpack.load(path, backbone)
+    model = maskpack.load(path, backbone_from(backbone, backbone_weights, maskpack.read(path).backbone_name))
     state = model.state_dict()
     save_finetuned(output, state, dict(maskpack.read(path).metadata))
     click.echo(f"wrote {output} ({len(state)} tensors, {os.path.getsize(output):,} bytes)")
@@ -139,18 +155,20 @@ def inspect(path: str, as_json: bool) -> None:
 @main.command()
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--backbone", default=None, help="Backbone to check against (default: the stored name).")
+@backbone_weights_option
 @handle_errors
-def verify(path: str, backbone: str | None) -> None:
+def verify(path: str, backbone: str | None, backbone_weights: str | None) -> None:
     """Check a .mask file: backbone hash, every checksum, and that every mask decodes.
 
     \b
     Example:
         maskpack verify digits.mask --backbone efficientnet_lite0
+        maskpack verify resnet.mask --backbone-weights resnet50.safetensors   # offline
     """
     import maskpack
 
     mf = maskpack.read(path)
-    bb = maskpack.load_backbone(backbone or mf.backbone_name)
+    bb = maskpack.load_backbone(backbone or mf.backbone_name, weights=backbone_weights)
     mf.check_backbone(bb)
     mf.verify(bb)
     click.echo(f"OK: {path} ({len(mf.tensors)} masks, codec {mf.codec}, backbone {mf.backbone_name} "

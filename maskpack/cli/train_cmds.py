@@ -9,7 +9,7 @@ import re
 import click
 from click.core import ParameterSource
 
-from . import handle_errors, main, parse_set, recipe_help
+from . import backbone_from, backbone_weights_option, handle_errors, main, parse_set, recipe_help
 
 # CLI option name -> TrainConfig field, for options whose names differ.
 _FIELD = {"workers": "num_workers", "knn": "eval_knn", "init_from": None, "set_values": None,
@@ -22,7 +22,9 @@ def _slug(text: str) -> str:
 
 @main.command("train")
 @click.option("--backbone", default="efficientnet_lite0", show_default=True,
-              help="Backbone registry name (efficientnet_lite0, torchvision:resnet18 ...).")
+              help="Backbone registry name (efficientnet_lite0, torchvision:resnet18, timm:resnet50 ...; "
+                   "docs/backbones.md).")
+@backbone_weights_option
 @click.option("--dataset", default="digits", show_default=True,
               help="digits, cifar10, cifar100 or imagefolder:PATH (PATH/train, PATH/test).")
 @click.option("--data-dir", default=None, help="Where the CIFAR archives live (~/.cache/maskpack/data).")
@@ -143,9 +145,27 @@ def train_cmd(ctx: click.Context, **opts) -> None:
         click.echo(f"checkpoint {result.checkpoint_path} (continue with --resume)")
 
 
+def _stored_backbone(task: str) -> str | None:
+    """The backbone name a task (a .mask file, or a run directory / file next to config.json) records."""
+    from pathlib import Path
+
+    from ..io import read
+
+    p = Path(task)
+    for f in ([p] if p.suffix == ".mask" else []) + [p / "task.mask", p / "cascade.mask"]:
+        if f.is_file():
+            return read(f).backbone_name
+    cfg = (p if p.is_dir() else p.parent) / "config.json"
+    try:
+        return json.loads(cfg.read_text()).get("backbone")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 @main.command("eval")
 @click.argument("task", required=False, type=click.Path(exists=True))
 @click.option("--backbone", default=None, help="Backbone (default: the task's, else efficientnet_lite0).")
+@backbone_weights_option
 @click.option("--dataset", default=None, help="Dataset (default: the task's, else digits).")
 @click.option("--data-dir", default=None, help="Where the CIFAR archives live (~/.cache/maskpack/data).")
 @click.option("--download/--no-download", default=None,
@@ -163,8 +183,8 @@ def train_cmd(ctx: click.Context, **opts) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the label subsets.")
 @click.option("--json", "json_out", is_flag=True, help="Print results as JSON.")
 @handle_errors
-def eval_cmd(task, backbone, dataset, data_dir, download, image_size, labels, knn, probe, baseline,
-             device, batch_size, seed, json_out) -> None:
+def eval_cmd(task, backbone, backbone_weights, dataset, data_dir, download, image_size, labels, knn, probe,
+             baseline, device, batch_size, seed, json_out) -> None:
     """Evaluate a task (.mask, model.safetensors or run directory) and the plain backbone:
     head accuracy, k-NN (k=200, T=0.1) and a logistic-regression probe per label fraction.
 
@@ -172,11 +192,13 @@ def eval_cmd(task, backbone, dataset, data_dir, download, image_size, labels, kn
     Example:
         maskpack eval runs/digits/task.mask --labels 0.01,0.1,1.0
         maskpack eval --dataset digits --image-size 32        # the plain backbone only
+        maskpack eval runs/vit/task.mask --backbone-weights vit_small.safetensors
     """
     from ..data import parse_fractions
     from ..evaluate import evaluate
 
     fracs = parse_fractions(labels)
+    backbone = backbone_from(backbone, backbone_weights, _stored_backbone(task) if task else None)
     from ..cascade import evaluate_cascade, is_cascade
 
     if task is not None and is_cascade(task):

@@ -90,6 +90,7 @@ class TrainConfig:
 
     # what
     backbone: str = _fixed("efficientnet_lite0")
+    backbone_weights: str | None = None  # local weights file for the backbone (docs/backbones.md)
     dataset: str = _fixed("digits")
     data_dir: str | None = None
     download: bool | None = None  # None: fetch a missing CIFAR archive unless MASKPACK_OFFLINE is set

@@ -199,7 +199,7 @@ def start(config: TrainConfig, init_scores=None) -> RunState:
     per_device_batch = _check_distributed(c, dist, device)
     if c.threads:
         torch.set_num_threads(c.threads)
-    backbone = load_backbone(c.backbone)
+    backbone = load_backbone(c.backbone, weights=c.backbone_weights)
     data = load_dataset(c.dataset, image_size=c.image_size, data_dir=c.data_dir, download=c.download,
                         quiet=c.quiet)
     if c.image_size is None:
