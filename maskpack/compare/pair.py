@@ -90,7 +90,8 @@ def train_pair(config: PairConfig, *, callbacks=()) -> dict[str, Any]:
         if (run_dir / "checkpoint.pt").exists():
             raise ConfigError(f"{run_dir} holds an unfinished run: finish it with `maskpack train --resume "
                               f"--out {run_dir}` or choose another --out")
-        tc = TrainConfig(backbone=config.backbone, backbone_weights=config.backbone_weights, dataset=config.dataset, data_dir=config.data_dir,
+        tc = TrainConfig(backbone=config.backbone, backbone_weights=config.backbone_weights,
+                         dataset=config.dataset, data_dir=config.data_dir,
                          download=config.download, method=method, epochs=config.epochs,
                          batch_size=config.batch_size, image_size=config.image_size, seed=config.seed,
                          device=config.device, max_steps_per_epoch=config.max_steps_per_epoch,
