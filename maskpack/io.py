@@ -21,8 +21,12 @@ from .backbones.hashing import backbone_hash, state_dict_hash
 from .errors import BackboneMismatchError, ConfigError, FormatError
 from .model import TaskModel
 from .storage import container
-from .storage.codecs import DEFAULT_CODEC, get_codec
+from .storage.codecs import DEFAULT_CODEC, available_codecs, get_codec
 from .storage.entropy import TensorContexts
+
+__all__ = ["DEFAULT_CODEC", "MaskFile", "available_codecs", "backbone_tensors", "encode_masks",
+           "is_mask_file", "load", "load_finetuned", "load_task", "load_task_into", "read", "save",
+           "save_finetuned", "to_bytes", "write_atomic", "write_text"]
 
 SCALE_KEY = "mask.scale"
 

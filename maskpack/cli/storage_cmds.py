@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import FormatError
-from ..storage.codecs import DEFAULT_CODEC, available_codecs
+from ..io import DEFAULT_CODEC, available_codecs
 from . import backbone_from, backbone_weights_option, handle_errors, main
 
 
