@@ -60,9 +60,6 @@ class DataBundle:
     def train_labels(self) -> np.ndarray:
         return dataset_labels(self.train)
 
-    def test_labels(self) -> np.ndarray:
-        return dataset_labels(self.test)
-
 
 class TensorImages(Dataset):
     """uint8 images (N, 3, H, W) and integer labels in memory."""
