@@ -1,4 +1,4 @@
-"""Frozen-backbone k-NN when only some BatchNorm layers are re-estimated (recipe study, issue 5).
+"""Frozen-backbone k-NN when only some BatchNorm layers are re-estimated (docs/recipe-study.md).
 
 With its ImageNet statistics Lite0's pooled features at 32 px are 98% exact zeros (k-NN 0.405);
 re-estimating every BN layer on clean cifar10-5k images centres them but costs 4 points (0.359).
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import time
 
@@ -35,7 +36,7 @@ def chosen_bns(model: nn.Module, pattern: str) -> list[tuple[str, nn.Module]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", default="imagefolder:/work/shared/data/cifar10-5k")
+    ap.add_argument("--dataset", default="imagefolder:" + os.environ.get("CIFAR5K", "data/cifar10-5k"))
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--batches", type=int, default=16)

@@ -1,24 +1,23 @@
 #!/usr/bin/env bash
-# Recipe study on one GPU (issue 5): many short `maskpack train` runs side by side on one card.
+# Recipe study on one GPU: many short `maskpack train` runs side by side on one card.
 #
 # Usage (repository root; the data set as an ImageFolder under DATA):
 #   bash bench/gpu_study.sh smoke          # CUDA sanity: bench/gpu_check.sh + a few steps of each path
 #   bash bench/gpu_study.sh sweep          # the first list, PAR runs at a time
 #   LIST=2 bash bench/gpu_study.sh sweep   # the second list (milder SwAV views; supervised seeds, 64 px, Lite2)
 #   DEVICE=cpu PAR=2 ONLY='def-s0' EXTRA='--epochs 1' bash bench/gpu_study.sh sweep   # dry run on a CPU
-# Env: DATA (.devdata/cifar10-5k), OUTDIR (runs/gpu-study), RESULTS ($OUTDIR/results.jsonl),
+# Env: DATA (data/cifar10-5k), OUTDIR (runs/gpu-study), RESULTS ($OUTDIR/results.jsonl),
 #   PAR (5), DEADLINE (400: no job starts after it), JOB_TIMEOUT (420), HARD (0: none; else every
 #   job is stopped HARD seconds after the sweep starts, its epochs so far kept), PY (python3 or
 #   .venv/bin/python), ONLY (regex on job names), EXTRA (options appended to every job), LIST.
 # Each finished job appends one line to $RESULTS (name, seconds, rc, every epoch's metrics row,
-# final result). The lists as run on an H200 and their results: docs/results/gpu-study-{1,2}.jsonl
-# (the machine had Lite0/Lite2 and the codec packages as wheels, the data under .devdata/).
+# final result). The lists as run on an H200 and their results: docs/results/gpu-study-{1,2}.jsonl.
 set -uo pipefail
 set -f  # job arguments hold brackets ([2,4]): no globbing
 cd "$(dirname "$0")/.."
 MODE=${1:-sweep}
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-DATA=${DATA:-.devdata/cifar10-5k}
+DATA=${DATA:-data/cifar10-5k}
 OUTDIR=${OUTDIR:-runs/gpu-study}
 PAR=${PAR:-5}
 DEVICE=${DEVICE:-cuda}
@@ -29,8 +28,8 @@ HARD=${HARD:-0}
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 
-# every conv masked, every BN in train mode unless a job says otherwise (the defaults of the
-# third session, when these lists ran)
+# every conv masked, every BN in train mode unless a job says otherwise (the `normalized` recipe's
+# layer choice, which these lists recorded)
 D="--dataset imagefolder:$DATA --image-size 32 --device $DEVICE --workers 2 --threads 1 --quiet --json --mask-layers all --bn-mode train"
 # SwAV self-masks: 100 prototypes, global crops scale (0.3, 1), k-NN after every epoch
 SW="$D --objective swav --method mask --knn epoch --recipe normalized --head-lr 0.1 --set swav_prototypes=100 --set swav_global_scale=[0.3,1.0] --set bn_reestimate_batches=16 --epochs 8"
@@ -40,7 +39,7 @@ BNA="--set train_bn_affine=true --set bn_lr=0.01"
 NOBNA="--set train_bn_affine=false"
 SUP="$D --knn never --set eval_every=0 --set bn_reestimate_batches=16 --epochs 8"
 
-jobs() {  # NAME|ARGS, in priority order; LIST=2 is the second GPU session's list
+jobs() {  # NAME|ARGS, in priority order; LIST=2 is the second list
   if [ "${LIST:-1}" = 2 ]; then jobs2; return; fi
   cat <<EOF
 sw-ctrl|$SW $FZ $NOBNA --epochs 1 --set max_steps_per_epoch=1 --set head_only_epochs=1

@@ -1,16 +1,17 @@
-"""Frozen-backbone k-NN and probe under three BatchNorm statistics (recipe study, issue 5).
+"""Frozen-backbone k-NN and probe under three BatchNorm statistics (docs/recipe-study.md).
 
 The control that a SwAV self-mask must beat by 5 points: the untouched backbone with (a) its
 ImageNet running statistics, (b) statistics re-estimated on clean training images (seeded
 shuffled order, as the trainer does), 16 and 100 batches of 64.
 
-    .venv/bin/python bench/knn_bn.py --dataset imagefolder:/work/shared/data/cifar10-5k --image-size 32
+    .venv/bin/python bench/knn_bn.py --dataset imagefolder:$CIFAR5K --image-size 32
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 
@@ -22,7 +23,7 @@ from maskpack.model import TaskModel
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", default="imagefolder:/work/shared/data/cifar10-5k")
+    ap.add_argument("--dataset", default="imagefolder:" + os.environ.get("CIFAR5K", "data/cifar10-5k"))
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--batches", default="0,16,100", help="re-estimation batches (0: ImageNet stats)")

@@ -5,8 +5,9 @@ by logistic regression on the frozen features of the same batch (so gradients ar
 sensible head, not a random one). For each layer group it prints mean |dL/dS| and the number of
 SGD steps at lr 50 a score needs to cross mu = 0 from S0 = 1 (no momentum: 1 / (50 |g|);
 momentum 0.9 divides it by ~10 in steady state). Usage:
-    .venv/bin/python bench/recipe_grads.py [imagefolder:/work/shared/data/cifar10-5k] [32]
+    .venv/bin/python bench/recipe_grads.py [imagefolder:$CIFAR5K] [32]
 """
+import os
 import sys
 
 import torch
@@ -17,7 +18,7 @@ from maskpack import load_backbone, masking
 from maskpack.data import eval_transform, load_dataset
 
 torch.set_num_threads(2)
-ds = sys.argv[1] if len(sys.argv) > 1 else "imagefolder:/work/shared/data/cifar10-5k"
+ds = sys.argv[1] if len(sys.argv) > 1 else "imagefolder:" + os.environ.get("CIFAR5K", "data/cifar10-5k")
 size = int(sys.argv[2]) if len(sys.argv) > 2 else 32
 name = sys.argv[3] if len(sys.argv) > 3 else "efficientnet_lite0"
 bb = load_backbone(name)

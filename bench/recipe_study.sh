@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# Recipe study (issue 5): reproduce the key runs of docs/recipe-study.md, one at a time.
+# Recipe study: reproduce the key runs of docs/recipe-study.md, one at a time.
 # Usage: bench/recipe_study.sh NAME [NAME ...]    (names below; run dirs go to runs/rs-NAME)
 # Screening budget "S": 4 epochs x 20 steps of 64 images (80 steps, ~1 pass over cifar10-5k),
 # evaluation only at the end, BN re-estimated on 16 clean batches.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-D=imagefolder:${DATA:-/work/shared/data/cifar10-5k}
+D=imagefolder:${DATA:-data/cifar10-5k}
 MP=.venv/bin/maskpack
 # masks on every layer with every BN in train mode unless a run says otherwise (what every run
-# before the fourth session used; the defaults have changed since)
+# recorded in docs/recipe-study.md; the defaults have changed since)
 COMMON=(--dataset "$D" --image-size 32 --threads 2 --quiet --json --knn never
         --set eval_every=0 --set bn_reestimate_batches=16 --mask-layers all --bn-mode train)
 S=(--epochs 4 --set max_steps_per_epoch=20)
-# "S2": 2 epochs x 20 steps (40 steps, 2,560 images): what a heavily shared 2-core box allows
+# "S2": 2 epochs x 20 steps (40 steps, 2,560 images): a quick look on a small CPU
 S2=(--epochs 2 --set max_steps_per_epoch=20)
 declare -A R
 R[fft-S]="--method fft ${S[*]}"
@@ -25,7 +25,7 @@ R[mask-S2]="--method mask --lr 50 --warmup 1 --head-lr 0.01 ${S2[*]}"
 R[bnaff-S2]="--method mask --lr 50 --warmup 1 --head-lr 0.01 --set train_bn_affine=true --set bn_lr=0.01 ${S2[*]}"
 R[norm-S2]="--method mask --lr 0.01 --warmup 1 --head-lr 0.01 --set score_grad_norm=true ${S2[*]}"
 R[normbn-S2]="--method mask --lr 0.01 --warmup 1 --head-lr 0.01 --set score_grad_norm=true --set train_bn_affine=true --set bn_lr=0.01 ${S2[*]}"
-# The issue's budget: 8 full epochs (624 steps; ~7 min each on a quiet 2-core machine)
+# The study's budget: 8 full epochs (624 steps; ~7 min each on a quiet 2-core machine)
 E8=(--epochs 8)
 R[fft-8]="--method fft ${E8[*]}"
 R[mask-8]="--method mask ${E8[*]}"

@@ -1,4 +1,4 @@
-"""Can a SwAV head learn on the frozen backbone's features? (recipe study, issue 5)
+"""Can a SwAV head learn on the frozen backbone's features? (docs/recipe-study.md)
 
 Self-masks collapsed in every SwAV run: the loss never fell below ln(K) (uniform predictions)
 even while only the head trained, so the scores had nothing to follow but the shortcut to a
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 
 import torch
@@ -90,7 +91,7 @@ def train_head(feats: torch.Tensor, *, prototypes: int, hidden: int, lr: float, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", default="imagefolder:/work/shared/data/cifar10-5k")
+    ap.add_argument("--dataset", default="imagefolder:" + os.environ.get("CIFAR5K", "data/cifar10-5k"))
     ap.add_argument("--passes", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()

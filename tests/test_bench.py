@@ -1,4 +1,4 @@
-"""maskpack.bench: fp32 baselines round-trip exactly, ratios are computed from the rows, JSON shape."""
+"""maskpack.compare: fp32 baselines round-trip exactly, ratios are computed from the rows, JSON shape."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Named recipes (issue 5, docs/recipe-study.md): the paper's recipe stays available, every
+"""Named recipes (docs/recipe-study.md): the paper's recipe stays available, every
 recipe resolves, and training BN affine parameters alongside masks never uses the score lr."""
 
 import math
@@ -39,7 +39,7 @@ def test_every_recipe_resolves(recipe, method, objective):
 
 def test_default_mask_recipe_is_the_studys_normalised_recipe():
     # docs/recipe-study.md: per-tensor normalised score updates at lr 0.002 + BN affine; S0 = 1
-    # and threshold 0 stay the paper's. The former default stays available as `lr50`.
+    # and threshold 0 stay the paper's. The paper's raw lr stays available as `lr50`.
     c = resolve_config(TrainConfig(epochs=8))
     assert c.lr == 0.002 and c.score_grad_norm is True and c.train_bn_affine is True
     assert c.score_init == 1.0 and c.threshold == 0.0 and c.warmup >= 1.0 and c.bn_reestimate is True

@@ -32,7 +32,7 @@ def test_lr_schedule_warmup_never_zero_and_cosine_to_zero():
 
 def test_loss_goes_down_and_masks_change(tmp_path):
     # 12 steps at 16 px: mask the late layers only (Lite0's early layers have far larger score
-    # gradients and need the recipe study's care; see FACTS.md). Loss falls, masks move.
+    # gradients and need the recipe study's care (docs/recipe-study.md)). Loss falls, masks move.
     r = run(cfg(tmp_path, epochs=4, head_lr=0.1, eval_every=4, mask_layers="re:_blocks\\.1[0-5]|_conv_head",
                 recipe="lr50"))
     losses = [h["loss"] for h in r.history]
