@@ -25,13 +25,24 @@ from pathlib import Path
 
 import torch
 
-_TIMING = ("seconds", "_s", "images_per_s", "mbps", "time")
+_TIMING = ("seconds", "_s", "images_per_s", "mbps", "time", "out", "file")
 _COMMON = ["--dataset", "digits", "--image-size", "32", "--epochs", "2", "--max-steps", "4",
            "--batch-size", "16", "--seed", "0", "--threads", "1", "--quiet", "--device", "cpu"]
 
 
 def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """sha256 of a file; for safetensors, of its tensors and sorted metadata (the library writes the
+    metadata in hash-map order, which differs between processes)."""
+    if path.suffix != ".safetensors":
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(str(path), "pt") as f:
+        h.update(json.dumps(sorted((f.metadata() or {}).items())).encode())
+        for k in sorted(f.keys()):
+            h.update(k.encode() + str(_tensor_digest(f.get_tensor(k))).encode())
+    return h.hexdigest()
 
 
 def _cli(*args: str) -> str:
