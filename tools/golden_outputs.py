@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-_TIMING = ("seconds", "_s", "images_per_s", "mbps", "time", "out", "file")
+_TIMING = ("seconds", "_s", "images_per_s", "mbps", "time")
+_PATHS = {"out", "file", "mask_path", "finetuned_path"}  # run folders differ between recordings
 _COMMON = ["--dataset", "digits", "--image-size", "32", "--epochs", "2", "--max-steps", "4",
            "--batch-size", "16", "--seed", "0", "--threads", "1", "--quiet", "--device", "cpu"]
 
@@ -55,7 +56,7 @@ def _cli(*args: str) -> str:
 
 def _strip(obj):
     if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if not any(t in k for t in _TIMING)}
+        return {k: _strip(v) for k, v in obj.items() if k not in _PATHS and not any(t in k for t in _TIMING)}
     if isinstance(obj, list):
         return [_strip(v) for v in obj]
     if isinstance(obj, float):
