@@ -173,10 +173,20 @@ def verify(path: str, backbone: str | None) -> None:
         maskpack verify digits.mask --backbone efficientnet_lite0
     """
     import maskpack
+    from maskpack.storage.atomic import leftover_temp_files
 
-    mf = maskpack.read(path)
-    bb = maskpack.load_backbone(backbone or mf.backbone_name)
-    mf.check_backbone(bb)
-    mf.verify(bb)
+    try:
+        mf = maskpack.read(path)
+        bb = maskpack.load_backbone(backbone or mf.backbone_name)
+        mf.check_backbone(bb)
+        mf.verify(bb)
+    finally:  # leftovers of an interrupted write matter most when the check fails
+        for lo in leftover_temp_files(os.path.dirname(os.path.abspath(path))):
+            fate = ("the next write to this folder removes it" if lo.stale else
+                    f"its writer, pid {lo.pid}, is still running" if lo.owner_alive else
+                    "its writer is gone: safe to delete" if lo.pid is not None else
+                    "safe to delete once no write to this folder is running")
+            click.echo(f"warning: leftover temp file of an interrupted write: {lo.path} ({lo.size:,} bytes, "
+                       f"unchanged for {lo.age_s:.0f} s; {fate})", err=True)
     click.echo(f"OK: {path} ({len(mf.tensors)} masks, codec {mf.codec}, backbone {mf.backbone_name} "
                f"sha256 {mf.backbone_hash[:12]}...)")
