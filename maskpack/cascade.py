@@ -746,7 +746,10 @@ def _decode_masks(path: Path, info, backbone, k: int):
     from .storage.codecs import get_codec
     from .storage.entropy import TensorContexts
 
-    cod, weights, data = get_codec(CODEC), _weights(backbone), container.read_data(path, info)
+    cod, weights = get_codec(CODEC), _weights(backbone)
+    container.check_budget(info.tensors, container.default_budget(sum(w.numel() for w in weights.values())),
+                           os.fspath(path))
+    data = container.read_data(path, info)
     disp: dict[str, torch.Tensor] = {}
     experts: list[dict[str, torch.Tensor]] = [{} for _ in range(k)]
     ctxs: dict[str, TensorContexts] = {}

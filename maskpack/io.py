@@ -244,8 +244,8 @@ class MaskFile:
                 weights are the coder's contexts), optional otherwise (then shapes come from the header).
             check_hash: verify the backbone's hash first.
             max_elements: the most mask elements to decode in total (one byte of memory each).
-                Default: ``container.MAX_DECODED_ELEMENTS`` (2^27), or the backbone's element
-                count when that is larger. Raise it to decode a trusted file that declares more.
+                Default: ``container.MAX_DECODED_ELEMENTS`` (2^27), or 8 times the backbone's
+                element count when that is larger. Raise it for a trusted file that declares more.
 
         Returns:
             ``{parameter name: BoolTensor}`` in file order.
@@ -262,8 +262,7 @@ class MaskFile:
             weights = _tensors(_module(backbone))
             self._check_fit(weights)
         if max_elements is None:
-            max_elements = max(container.MAX_DECODED_ELEMENTS,
-                               sum(w.numel() for w in weights.values()) if weights else 0)
+            max_elements = container.default_budget(sum(w.numel() for w in (weights or {}).values()))
         container.check_budget(self.tensors, int(max_elements), self.path)
         data = self._data()
         out = {}

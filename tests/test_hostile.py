@@ -119,6 +119,21 @@ def test_masks_must_fit_the_backbone_before_any_is_decoded(tmp_path, no_decoding
         maskpack.read(g).masks(net, max_elements=31)
 
 
+def test_cascade_loader_has_the_same_budget(tmp_path, no_decoding):
+    from maskpack.cascade import FORMAT, FORMAT_VERSION, load_cascade
+
+    net = nn.Sequential(nn.Linear(2048, 2048, bias=False))  # 4M weights: the limit is 2^27 = 32 copies
+    empty = b"\x00\x00"  # ans: one bucket, no ones
+    k = 40
+    tensors = [("0.weight", [2048, 2048], 0, empty)] + [(f"expert{i}/0.weight", [2048, 2048], 0, empty)
+                                                       for i in range(1, k + 1)]
+    meta = {"cascade.format": FORMAT, "cascade.version": FORMAT_VERSION, "cascade.experts": str(k),
+            "cascade.modes": "unconditional"}
+    p = _file(tmp_path / "c.mask", tensors, codec="ans", metadata=meta, bb_hash=maskpack.backbone_hash(net))
+    with pytest.raises(FormatError, match="171,966,464 elements in total, more than the limit 134,217,728"):
+        load_cascade(p, net)
+
+
 # ------------------------------------------------------------------- 2: header limits while parsing
 
 

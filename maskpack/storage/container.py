@@ -42,9 +42,11 @@ MAX_NAME_CHARS = 1024  # tensor and backbone names
 MAX_METADATA_KEYS = 1024
 # Decoding masks allocates one byte per element. Without a backbone nothing else bounds the shapes
 # a header declares, so decoding refuses more than this many elements in total unless the caller
-# raises the limit (``MaskFile.masks(max_elements=...)``); with a backbone the limit is at least
-# the backbone's own element count.
+# raises the limit (``MaskFile.masks(max_elements=...)``). With a backbone every mask must fit one
+# of its tensors and the limit is at least BACKBONE_FACTOR times its element count: mask bytes up
+# to twice the backbone's own float32 memory, room for a dispatcher and 7 experts.
 MAX_DECODED_ELEMENTS = 1 << 27
+BACKBONE_FACTOR = 8
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TENSOR_KEYS = {"name", "shape", "active", "offset", "length", "crc32"}
 _BLOB_KEYS = {"offset", "length", "crc32"}
@@ -157,6 +159,18 @@ def encode_extras(blob: bytes) -> bytes:
     planes = np.ascontiguousarray(words.T).tobytes()
     return zstandard.ZstdCompressor(level=EXTRAS_LEVEL, write_content_size=True,
                                     write_checksum=False).compress(planes)
+
+
+def default_budget(backbone_numel: int = 0) -> int:
+    """The default limit on decoded mask elements.
+
+    Args:
+        backbone_numel: elements of the backbone the masks are decoded for (0: no backbone).
+
+    Returns:
+        ``max(MAX_DECODED_ELEMENTS, BACKBONE_FACTOR * backbone_numel)``.
+    """
+    return max(MAX_DECODED_ELEMENTS, BACKBONE_FACTOR * backbone_numel)
 
 
 def check_budget(tensors: list[TensorEntry], max_elements: int, where: str) -> None:
