@@ -153,9 +153,9 @@ def header(rng: random.Random, data: bytes) -> bytes:
     h, _, body = split(data)
     for _ in range(rng.randint(1, 3)):
         target = rng.choice(["top", "backbone", "tensor", "tensor", "tensor", "extras", "metadata"])
+        tensors = h.get("tensors") if isinstance(h.get("tensors"), list) else []
         obj = {"top": h, "backbone": h.get("backbone"), "extras": h.get("extras"),
-               "metadata": h.get("metadata"),
-               "tensor": rng.choice(h["tensors"]) if h.get("tensors") else None}[target]
+               "metadata": h.get("metadata"), "tensor": rng.choice(tensors) if tensors else None}[target]
         if not isinstance(obj, dict):
             continue
         keys = list(obj) or ["x"]
@@ -166,16 +166,16 @@ def header(rng: random.Random, data: bytes) -> bytes:
             obj.pop(rng.choice(keys), None)
         elif op < 0.72:
             obj[rng.choice(["extra", "Name", "shape ", "\u00e9"])] = _hostile_value(rng)
-        elif op < 0.80 and isinstance(h.get("tensors"), list) and len(h["tensors"]) > 1:
-            i, j = rng.sample(range(len(h["tensors"])), 2)
-            h["tensors"][i], h["tensors"][j] = h["tensors"][j], h["tensors"][i]
+        elif op < 0.80 and len(tensors) > 1:
+            i, j = rng.sample(range(len(tensors)), 2)
+            tensors[i], tensors[j] = tensors[j], tensors[i]
         elif op < 0.88:
             h["codec"] = rng.choice(CODECS)  # payloads decoded by the wrong codec
         elif op < 0.94 and target == "tensor":
             obj["shape"] = [rng.choice([1, 2, 3, 7, 1000, 2**20, 2**31]) for _ in range(rng.randint(0, 4))]
             obj["active"] = rng.choice([0, 1, obj.get("active", 0)])
         else:
-            for t in h.get("tensors") or []:
+            for t in tensors:
                 if isinstance(t, dict):
                     t["offset"] = 0  # every entry overlaps the first
     try:
@@ -313,7 +313,7 @@ def run(cases: int, seed: int = 0, *, fork: bool = True, lies: bool = True, heav
     names = sorted(n for n in LIES if heavy or n not in HEAVY) if lies else []
     tally: dict = {"cases": 0, "accepted": 0, "refused": collections.Counter(),
                    "other": collections.Counter(), "over_time": [], "over_memory": [], "findings": [],
-                   "by_family": collections.Counter(),
+                   "by_family": collections.Counter(), "accepted_by": collections.Counter(),
                    "max_cpu_s": 0.0, "max_wall_s": 0.0, "max_peak_mb": 0.0}
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "case.mask")
@@ -334,6 +334,7 @@ def _count(tally: dict, i: int, fam: str, detail: str, size: int, res: dict, tim
     case = {"case": i, "family": fam, "detail": detail, "bytes": size, **res}
     if res["outcome"] == "accepted":
         tally["accepted"] += 1
+        tally["accepted_by"][f"{fam}/{detail}"] += 1
     elif res["outcome"] == "refused":
         tally["refused"][res["error"]] += 1
     else:
@@ -372,7 +373,7 @@ def main() -> None:
 def summary(t: dict) -> str:
     refused = sum(t["refused"].values())
     lines = [f"cases {t['cases']} ({dict(t['by_family'])})",
-             f"accepted {t['accepted']}",
+             f"accepted {t['accepted']}: {dict(t['accepted_by'].most_common(12))}",
              f"refused with a MaskpackError {refused}: {dict(t['refused'])}",
              f"other exceptions {sum(t['other'].values())}: {dict(t['other'])}",
              f"over the time limit {len(t['over_time'])}; over the memory limit {len(t['over_memory'])}",

@@ -210,7 +210,7 @@ class MaskFile:
 
         Args:
             max_bytes: refuse, before decompressing, extras that declare more bytes than this
-                (default ``container.MAX_EXTRAS_DECODED``, 64 MiB; decoding costs about 3x).
+                (default ``container.MAX_EXTRAS_DECODED``, 64 MiB; decoding costs about twice that).
 
         Returns:
             ``{name: tensor}``; ``{}`` when the file has none.

@@ -57,6 +57,8 @@ class Leftover:
 
 
 def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there: assume alive, age decides
+        return True
     if pid <= 0:
         return False
     try:
@@ -88,6 +90,8 @@ def leftover_temp_files(folder: str | os.PathLike) -> list[Leftover]:
         if not m:
             continue
         try:
+            if not e.is_file(follow_symlinks=False):
+                continue
             st = e.stat(follow_symlinks=False)
         except OSError:
             continue
