@@ -168,6 +168,8 @@ def inspect(path: str, as_json: bool) -> None:
 def verify(path: str, backbone: str | None) -> None:
     """Check a .mask file: backbone hash, every checksum, and that every mask decodes.
 
+    Also warns about temp files that an interrupted write left beside the file.
+
     \b
     Example:
         maskpack verify digits.mask --backbone efficientnet_lite0
