@@ -314,7 +314,7 @@ def run(cases: int, seed: int = 0, *, fork: bool = True, lies: bool = True, heav
     tally: dict = {"cases": 0, "accepted": 0, "refused": collections.Counter(),
                    "other": collections.Counter(), "over_time": [], "over_memory": [], "findings": [],
                    "by_family": collections.Counter(), "accepted_by": collections.Counter(),
-                   "max_cpu_s": 0.0, "max_wall_s": 0.0, "max_peak_mb": 0.0}
+                   "over_time_wall": 0, "max_cpu_s": 0.0, "max_wall_s": 0.0, "max_peak_mb": 0.0}
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "case.mask")
         for i in range(cases):
@@ -347,6 +347,8 @@ def _count(tally: dict, i: int, fam: str, detail: str, size: int, res: dict, tim
         tally["max_peak_mb"] = max(tally["max_peak_mb"], peak)
     if res["cpu_s"] > time_limit:
         tally["over_time"].append(case)
+    if res["wall_s"] > time_limit:  # includes waiting for a busy machine's CPUs
+        tally["over_time_wall"] += 1
     if peak == peak and peak > mem_limit_mb:
         tally["over_memory"].append(case)
 
@@ -376,7 +378,8 @@ def summary(t: dict) -> str:
              f"accepted {t['accepted']}: {dict(t['accepted_by'].most_common(12))}",
              f"refused with a MaskpackError {refused}: {dict(t['refused'])}",
              f"other exceptions {sum(t['other'].values())}: {dict(t['other'])}",
-             f"over the time limit {len(t['over_time'])}; over the memory limit {len(t['over_memory'])}",
+             f"over the time limit {len(t['over_time'])} (CPU; {t['over_time_wall']} by wall clock); "
+             f"over the memory limit {len(t['over_memory'])}",
              f"max CPU {t['max_cpu_s']:.3f} s, max wall {t['max_wall_s']:.3f} s, "
              f"max peak RSS above start {t['max_peak_mb']:.1f} MB"]
     for c in (t["findings"] + t["over_time"] + t["over_memory"])[:20]:

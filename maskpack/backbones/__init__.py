@@ -59,7 +59,7 @@ class Backbone:
     classifier: nn.Module | None = None
 
     def hash(self) -> str:
-        """Content hash of the current weights, computed on every call (about 17 ms on Lite0).
+        """Content hash of the current weights, computed on every call (17-40 ms on Lite0, 2-core CPU).
 
         Never cached: a weight changed in place (``p.add_``, ``p.data.copy_``, a numpy view)
         changes the hash, so a mask is never bound to, or loaded onto, weights it was not made for.
