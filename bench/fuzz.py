@@ -362,7 +362,11 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=1.0, help="CPU seconds a case may take")
     ap.add_argument("--mem-limit-mb", type=float, default=300.0, help="peak RSS a case may add")
     ap.add_argument("--json", type=Path, help="write the tally and every finding here")
+    ap.add_argument("--lie", nargs="+", choices=sorted(LIES), help="run only these lies, once each, and "
+                    "print each one's outcome and cost")
     a = ap.parse_args()
+    if a.lie:
+        return run_lies(a.lie)
     t0 = time.perf_counter()
     tally = run(a.cases, a.seed, fork=not a.no_fork, lies=not a.no_lies, time_limit=a.time_limit,
                 mem_limit_mb=a.mem_limit_mb, progress=True)
@@ -370,6 +374,21 @@ def main() -> None:
     print(summary(tally))
     if a.json:
         a.json.write_text(json.dumps(tally, indent=1, default=str))
+
+
+def run_lies(names: list[str]) -> None:
+    """Run the named lies once each (rng seed 0) in forked children and print their costs."""
+    torch.set_num_threads(1)
+    bb = seed_backbone()
+    seeds = seed_files(bb)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "lie.mask")
+        for name in names:
+            data = LIES[name](random.Random(0), seeds)
+            Path(path).write_bytes(data)
+            r = run_forked(path, bb, 60.0)
+            print(f"{name}: {len(data):,} B, {r['outcome']} {r['error'] or ''}, CPU {r['cpu_s']:.3f} s, "
+                  f"wall {r['wall_s']:.3f} s, peak {r['peak_mb']:.1f} MB | {r['message'][:200]}")
 
 
 def summary(t: dict) -> str:
