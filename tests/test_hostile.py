@@ -198,7 +198,7 @@ def test_metadata_size_and_text_limits(tmp_path):
         maskpack.read(_file(tmp_path / "m.mask", [], metadata={"x" * 257: ""}))
 
 
-def test_metadata_at_its_limits_round_trips(tmp_path):
+def test_metadata_at_its_limits_is_written_and_read(tmp_path):
     net = _net()
     meta = {f"{i:0256d}": "v" * ((1 << 20) // 1024 - 256) for i in range(1024)}  # compresses ~1000x
     maskpack.save(tmp_path / "ok.mask", {"0.weight": torch.ones(4, 8, dtype=torch.bool)}, net, metadata=meta)
