@@ -21,11 +21,12 @@ from .backbones.hashing import backbone_hash, state_dict_hash
 from .errors import BackboneMismatchError, ConfigError, FormatError
 from .model import TaskModel
 from .storage import container
+from .storage.atomic import leftover_temp_files
 from .storage.codecs import DEFAULT_CODEC, available_codecs, get_codec
 from .storage.entropy import TensorContexts
 
 __all__ = ["DEFAULT_CODEC", "MaskFile", "available_codecs", "backbone_tensors", "encode_masks",
-           "is_mask_file", "load", "load_finetuned", "load_task", "load_task_into", "read", "save",
+           "is_mask_file", "leftover_temp_files", "load", "load_finetuned", "load_task", "load_task_into", "read", "save",
            "save_finetuned", "to_bytes", "write_atomic", "write_text"]
 
 SCALE_KEY = "mask.scale"
@@ -299,11 +300,28 @@ class MaskFile:
 
     @functools.cached_property
     def extras(self) -> dict[str, torch.Tensor]:
-        """The extras (head, BN statistics ...) as tensors; ``{}`` when the file has none."""
+        """The extras (head, BN statistics ...) as tensors; ``{}`` when the file has none.
+
+        Refuses extras over ``container.MAX_EXTRAS_DECODED`` bytes: see :meth:`read_extras`.
+        """
+        return self.read_extras()
+
+    def read_extras(self, *, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+        """Decode the extras.
+
+        Args:
+            max_bytes: refuse, before decompressing, extras that declare more bytes than this
+                (default ``container.MAX_EXTRAS_DECODED``, 64 MiB; decoding costs about twice that).
+
+        Returns:
+            ``{name: tensor}``; ``{}`` when the file has none.
+        """
         if self._info.extras is None:
             return {}
-        stored = container.blob(self.path, self._data(), self._info.extras, "extras")
-        raw = container.decode_extras(stored, self._info.extras, os.fspath(self.path))
+        limit = container.MAX_EXTRAS_DECODED if max_bytes is None else int(max_bytes)
+        container.check_extras_size(self._info.extras, limit, self.path)  # before reading the blob
+        stored = container.read_blob(self.path, self._info, self._info.extras, "extras")
+        raw = container.decode_extras(stored, self._info.extras, self.path, limit)
         from safetensors.torch import load as st_load
 
         try:
@@ -315,13 +333,20 @@ class MaskFile:
         """Raise :class:`BackboneMismatchError` unless ``backbone`` has the hash stored in the file."""
         _check_hash(self, _hash_of(backbone), _name_of(backbone))
 
-    def masks(self, backbone=None, *, check_hash: bool = True) -> dict[str, torch.Tensor]:
+    def masks(self, backbone=None, *, check_hash: bool = True,
+              max_elements: int | None = None) -> dict[str, torch.Tensor]:
         """Decode all masks.
+
+        Every shape is checked against the backbone, and the total against ``max_elements``,
+        before any payload is read or decompressed.
 
         Args:
             backbone: the backbone the file was made for; required for the ``ans`` codec (its
                 weights are the coder's contexts), optional otherwise (then shapes come from the header).
             check_hash: verify the backbone's hash first.
+            max_elements: the most mask elements to decode in total (one byte of memory each).
+                Default: ``container.MAX_DECODED_ELEMENTS`` (2^27), or 8 times the backbone's
+                element count when that is larger. Raise it for a trusted file that declares more.
 
         Returns:
             ``{parameter name: BoolTensor}`` in file order.
@@ -336,17 +361,17 @@ class MaskFile:
                 self.check_backbone(backbone)
                 bb_hash = self.backbone_hash
             weights = _tensors(_module(backbone))
+            self._check_fit(weights)
+        if max_elements is None:
+            max_elements = container.default_budget(sum(w.numel() for w in (weights or {}).values()))
+        container.check_budget(self.tensors, int(max_elements), self.path)
         data = self._data()
         out = {}
         for t in self.tensors:
             absw = None
-            if weights is not None:
-                w = weights.get(_storage_name(t.name))
-                if w is None or tuple(w.shape) != t.shape:
-                    raise FormatError(f"{self.path}: mask {t.name!r} {list(t.shape)} does not fit the "
-                                      "backbone "
-                                      f"({'missing' if w is None else list(w.shape)})")
-                absw = _contexts(bb_hash, _storage_name(t.name), w) if cod.needs_backbone else None
+            if weights is not None and cod.needs_backbone:
+                base = _storage_name(t.name)
+                absw = _contexts(bb_hash, base, weights[base])
             payload = container.blob(self.path, data, t, f"tensor {t.name!r}")
             flat = cod.decode(payload, t.numel, absw)
             if int(np.count_nonzero(flat)) != t.active:
@@ -355,14 +380,28 @@ class MaskFile:
             out[t.name] = torch.from_numpy(flat.reshape(t.shape))
         return out
 
-    def verify(self, backbone=None) -> None:
-        """Check every checksum and the extras; decode all masks given the backbone (or a non-ans codec)."""
+    def _check_fit(self, weights: dict[str, torch.Tensor]) -> None:
+        """Every mask must have the shape of its backbone tensor (checked before decoding any)."""
+        for t in self.tensors:
+            w = weights.get(t.name.rsplit("/", 1)[-1])
+            if w is None or tuple(w.shape) != t.shape:
+                raise FormatError(f"{self.path}: mask {t.name!r} {list(t.shape)} does not fit the backbone "
+                                  f"({'missing' if w is None else list(w.shape)})")
+
+    def verify(self, backbone=None, *, max_elements: int | None = None) -> None:
+        """Check every checksum and the extras; decode all masks given the backbone (or a non-ans codec).
+
+        Args:
+            backbone: the backbone the file was made for (needed to decode ``ans`` masks).
+            max_elements: as in :meth:`masks`.
+        """
         data = self._data()
         for t in self.tensors:
             container.blob(self.path, data, t, f"tensor {t.name!r}")
+        del data
         _ = self.extras
         if backbone is not None or not get_codec(self.codec).needs_backbone:
-            self.masks(backbone)
+            self.masks(backbone, max_elements=max_elements)
 
 
 def _check_hash(mf: MaskFile, actual: str, given_name: str) -> None:

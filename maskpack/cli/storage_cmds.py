@@ -160,16 +160,28 @@ def inspect(path: str, as_json: bool) -> None:
 def verify(path: str, backbone: str | None, backbone_weights: str | None) -> None:
     """Check a .mask file: backbone hash, every checksum, and that every mask decodes.
 
+    Also warns about temp files that an interrupted write left beside the file.
+
     \b
     Example:
         maskpack verify digits.mask --backbone efficientnet_lite0
         maskpack verify resnet.mask --backbone-weights resnet50.safetensors   # offline
     """
     import maskpack
+    from maskpack.io import leftover_temp_files
 
-    mf = maskpack.read(path)
-    bb = maskpack.load_backbone(backbone or mf.backbone_name, weights=backbone_weights)
-    mf.check_backbone(bb)
-    mf.verify(bb)
+    try:
+        mf = maskpack.read(path)
+        bb = maskpack.load_backbone(backbone or mf.backbone_name, weights=backbone_weights)
+        mf.check_backbone(bb)
+        mf.verify(bb)
+    finally:  # leftovers of an interrupted write matter most when the check fails
+        for lo in leftover_temp_files(os.path.dirname(os.path.abspath(path))):
+            fate = ("the next write to this folder removes it" if lo.stale else
+                    f"its writer, pid {lo.pid}, is still running" if lo.owner_alive else
+                    "its writer is gone: safe to delete" if lo.pid is not None else
+                    "safe to delete once no write to this folder is running")
+            click.echo(f"warning: leftover temp file of an interrupted write: {lo.path} ({lo.size:,} bytes, "
+                       f"unchanged for {lo.age_s:.0f} s; {fate})", err=True)
     click.echo(f"OK: {path} ({len(mf.tensors)} masks, codec {mf.codec}, backbone {mf.backbone_name} "
                f"sha256 {mf.backbone_hash[:12]}...)")

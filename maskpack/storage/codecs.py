@@ -39,6 +39,9 @@ class Codec:
         needs_backbone: True when decoding needs the backbone's weights (``ans``).
         default_level: compression level used when none is given (None: no levels).
         levels: the accepted level range (inclusive), or None.
+        max_ratio: the most packed bytes one payload byte can decode to (a property of the
+            compressed format, whatever the encoder), or None where the format has no useful
+            bound (bz2, lzma, ans).
     """
 
     name: str
@@ -47,6 +50,18 @@ class Codec:
     needs_backbone: bool = False
     default_level: int | None = None
     levels: tuple[int, int] | None = None
+    max_ratio: int | None = None
+
+    def max_elements(self, length: int) -> int | None:
+        """The most mask elements a ``length``-byte payload can decode to (None: no bound).
+
+        Args:
+            length: payload bytes.
+
+        Returns:
+            ``8 * (max_ratio * length + 64)``, or None for codecs without a bound.
+        """
+        return None if self.max_ratio is None else 8 * (self.max_ratio * length + RATIO_SLACK)
 
     def check_level(self, level: int | None) -> int | None:
         """The level to use; raises CodecError when ``level`` is out of range for this codec."""
@@ -206,19 +221,26 @@ def _lzma_dec(data: bytes, cap: int) -> bytes:
     return _bounded(lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=_lzma_filters(None, cap)), data, cap)
 
 
+# Largest expansion of each format (output bytes per input byte), from the formats themselves:
+# DEFLATE emits at most 258 bytes per 2-bit match (1032); an LZ4 block adds 255 bytes of match per
+# extra length byte; a snappy copy turns 3 bytes into at most 64; a zstd block holds at most
+# 128 KiB and takes at least 4 bytes (an RLE block). Measured on 2^27 zero bytes: 1029, 255, 21.3
+# and 32,625. bz2 (run-length stages: over 10^6) and lzma (about 7,000 measured, more possible)
+# have no useful bound, nor has ans (an empty bucket costs one byte however large).
+RATIO_SLACK = 64
 CODECS: dict[str, Codec] = {
     c.name: c
     for c in (
-        Codec("raw"),
+        Codec("raw", max_ratio=1),
         Codec("gzip", lambda d, lv: gzip.compress(d, compresslevel=lv, mtime=0), _gzip_dec,
-              default_level=9, levels=(0, 9)),
+              default_level=9, levels=(0, 9), max_ratio=1032),
         Codec("bz2", lambda d, lv: bz2.compress(d, compresslevel=lv),
               lambda d, cap: _bounded(bz2.BZ2Decompressor(), d, cap), default_level=9, levels=(1, 9)),
         Codec("lzma", _lzma_enc, _lzma_dec,
               default_level=9, levels=(0, 9)),
-        Codec("lz4", _lz4_enc, _lz4_dec, default_level=None, levels=(1, 12)),
-        Codec("snappy", lambda d, lv: __import__("snappy").compress(d), _snappy_dec),
-        Codec("zstd", _zstd_enc, _zstd_dec, default_level=19, levels=(1, 22)),
+        Codec("lz4", _lz4_enc, _lz4_dec, default_level=None, levels=(1, 12), max_ratio=256),
+        Codec("snappy", lambda d, lv: __import__("snappy").compress(d), _snappy_dec, max_ratio=22),
+        Codec("zstd", _zstd_enc, _zstd_dec, default_level=19, levels=(1, 22), max_ratio=32768),
         Codec("ans", needs_backbone=True),
     )
 }

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 
@@ -29,15 +28,25 @@ import zstandard
 
 from ..errors import FormatError
 from . import bits
+from . import header as hdr_limits
+from .atomic import atomic_write, write_atomic  # noqa: F401  (the writers live in storage.atomic)
 from .codecs import get_codec
+from .header import MAX_HEADER, MAX_HEADER_JSON, MAX_METADATA_BYTES, MAX_TENSORS  # noqa: F401
 
 MAGIC = b"\x89MASK\r\n\x1a"
 VERSION = 1
 PREAMBLE = struct.Struct("<8sHII")  # magic, version, header length, header crc32
-MAX_HEADER = 16 << 20  # compressed header bytes
-MAX_HEADER_JSON = 64 << 20  # decompressed header bytes
 MAX_NUMEL = 1 << 32  # elements of one mask tensor
 MAX_NDIM = 8
+MAX_NAME_CHARS = 1024  # tensor and backbone names
+MAX_METADATA_KEYS = 1024
+# Decoding masks allocates one byte per element. Without a backbone nothing else bounds the shapes
+# a header declares, so decoding refuses more than this many elements in total unless the caller
+# raises the limit (``MaskFile.masks(max_elements=...)``). With a backbone every mask must fit one
+# of its tensors and the limit is at least BACKBONE_FACTOR times its element count: mask bytes up
+# to twice the backbone's own float32 memory, room for a dispatcher and 7 experts.
+MAX_DECODED_ELEMENTS = 1 << 27
+BACKBONE_FACTOR = 8
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TENSOR_KEYS = {"name", "shape", "active", "offset", "length", "crc32"}
 _BLOB_KEYS = {"offset", "length", "crc32"}
@@ -47,6 +56,9 @@ EXTRAS_LEVEL = 19
 # hostile file cannot make the reader allocate gigabytes.
 MAX_EXTRAS_EXPANSION = 256
 MAX_EXTRAS = 1 << 34
+# Decoding extras costs about three times their size: refuse more than this unless the caller
+# raises the limit (``MaskFile.read_extras(max_bytes=...)``).
+MAX_EXTRAS_DECODED = 64 << 20
 _TOP_KEYS = {"backbone", "codec", "tensors", "extras", "metadata"}
 
 
@@ -128,7 +140,11 @@ def build(*, backbone_name: str, backbone_hash: str, codec: str,
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     packer = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
     hdr = packer.compress(text) + packer.flush()
-    _validate(header, len(text), sum(len(b) for b in blobs), where="<new file>")  # never write bad files
+    _validate(header, sum(len(b) for b in blobs), where="<new file>")  # never write bad files
+    limit = hdr_limits.inflate_limit(len(hdr))
+    if len(text) > limit:
+        raise _fail("<new file>", f"the header would inflate from {len(hdr)} to {len(text)} bytes, over the "
+                    f"reader's limit {limit}: store fewer tensors or less metadata")
     return PREAMBLE.pack(MAGIC, VERSION, len(hdr), zlib.crc32(hdr)) + hdr + b"".join(blobs)
 
 
@@ -145,8 +161,60 @@ def encode_extras(blob: bytes) -> bytes:
                                     write_checksum=False).compress(planes)
 
 
-def decode_extras(stored: bytes, entry: ExtrasEntry, where: str) -> bytes:
-    """Inverse of :func:`encode_extras`; never produces more than ``entry.size`` (+3) bytes."""
+def default_budget(backbone_numel: int = 0) -> int:
+    """The default limit on decoded mask elements.
+
+    Args:
+        backbone_numel: elements of the backbone the masks are decoded for (0: no backbone).
+
+    Returns:
+        ``max(MAX_DECODED_ELEMENTS, BACKBONE_FACTOR * backbone_numel)``.
+    """
+    return max(MAX_DECODED_ELEMENTS, BACKBONE_FACTOR * backbone_numel)
+
+
+def check_budget(tensors: list[TensorEntry], max_elements: int, where: str) -> None:
+    """Refuse, before anything is read or decompressed, masks of more than ``max_elements`` in total.
+
+    Args:
+        tensors: the entries about to be decoded.
+        max_elements: the caller's limit (decoding costs about one byte per element).
+        where: the file name, for the message.
+    """
+    total = sum(t.numel for t in tensors)
+    if total > max_elements:
+        raise _fail(where, f"the masks declare {total:,} elements in total, more than the limit "
+                    f"{max_elements:,} (about one byte of memory each): if the file is trusted, pass "
+                    f"max_elements={total} (or give the backbone it was made for)")
+
+
+def check_extras_size(entry: ExtrasEntry, max_bytes: int, where: str) -> None:
+    """Refuse extras that declare more than ``max_bytes`` decoded bytes (nothing is read).
+
+    Args:
+        entry: the extras entry of the header.
+        max_bytes: the caller's limit.
+        where: the file name, for the message.
+    """
+    if entry.size > max_bytes:
+        raise _fail(where, f"extras declare {entry.size:,} bytes, more than the limit {max_bytes:,}: if "
+                    f"the file is trusted, pass max_bytes={entry.size} to read_extras()")
+
+
+def decode_extras(stored: bytes, entry: ExtrasEntry, where: str,
+                  max_bytes: int = MAX_EXTRAS_DECODED) -> bytes:
+    """Inverse of :func:`encode_extras`; never produces more than ``entry.size`` (+3) bytes.
+
+    Args:
+        stored: the stored blob (crc already checked).
+        entry: its header entry.
+        where: the file name, for messages.
+        max_bytes: refuse (before decompressing) extras that declare more bytes than this.
+
+    Returns:
+        The safetensors bytes.
+    """
+    check_extras_size(entry, max_bytes, where)
     padded = entry.size + (-entry.size) % 4
     try:
         params = zstandard.get_frame_parameters(stored)
@@ -160,37 +228,13 @@ def decode_extras(stored: bytes, entry: ExtrasEntry, where: str) -> bytes:
         raise _fail(where, f"extras do not decompress ({exc})") from exc
     if len(planes) != padded:
         raise _fail(where, f"extras decompress to {len(planes)} bytes, expected {padded}")
-    words = np.frombuffer(planes, dtype=np.uint8).reshape(4, -1)
-    return np.ascontiguousarray(words.T).tobytes()[:entry.size]
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".maskpack-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable where the platform allows it
-        dfd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+    out = bytearray(padded)  # un-shuffle into one buffer: at most 2x the size alive at once
+    words = np.frombuffer(out, dtype=np.uint8).reshape(-1, 4)
+    words[:] = np.frombuffer(planes, dtype=np.uint8).reshape(4, -1).T
+    del words
+    del planes
+    del out[entry.size:]
+    return bytes(out)
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -201,7 +245,16 @@ def _fail(where: str, msg: str) -> FormatError:
 
 
 def parse(path: str | os.PathLike) -> Container:
-    """Read and validate the preamble and header of a ``.mask`` file (payloads are not read)."""
+    """Read and validate the preamble and header of a ``.mask`` file (payloads are not read).
+
+    Args:
+        path: the ``.mask`` file.
+
+    Returns:
+        The validated :class:`Container`. Every limit of docs/format.md "Validation" that the
+        header alone decides has been checked; costs are bounded by the limits in
+        :mod:`maskpack.storage.header`, whatever the file declares.
+    """
     where = os.fspath(path)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -214,34 +267,22 @@ def parse(path: str | os.PathLike) -> Container:
         if version != VERSION:
             raise _fail(where, f"unsupported .mask format version {version}; this maskpack reads "
                         f"version {VERSION}: upgrade maskpack")
-        if hlen > MAX_HEADER or PREAMBLE.size + hlen > size:
+        if PREAMBLE.size + hlen > size:
             raise _fail(where, f"header length {hlen} runs past the end of the {size}-byte file "
                         "(truncated or corrupted)")
+        if hlen > MAX_HEADER:
+            raise _fail(where, f"header length {hlen} is over the limit {MAX_HEADER} (corrupted or "
+                        "hostile file)")
         raw = f.read(hlen)
+    if len(raw) != hlen:
+        raise _fail(where, "file is truncated (it changed while reading?)")
     if zlib.crc32(raw) != hcrc:
         raise _fail(where, "header checksum mismatch: the file is corrupted")
-    header = _inflate_json(raw, where)
+    header = hdr_limits.loads(hdr_limits.inflate(raw, where), where)
     data_len = size - PREAMBLE.size - hlen
-    info = _validate(header, None, data_len, where)
+    info = _validate(header, data_len, where)
     info.data_offset, info.file_size = PREAMBLE.size + hlen, size
     return info
-
-
-def _inflate_json(raw: bytes, where: str) -> dict:
-    d = zlib.decompressobj(-15)
-    try:
-        text = d.decompress(raw, MAX_HEADER_JSON + 1)
-    except zlib.error as exc:
-        raise _fail(where, f"header does not decompress ({exc})") from exc
-    if len(text) > MAX_HEADER_JSON or not d.eof or d.unused_data:
-        raise _fail(where, "header is oversized, truncated or followed by garbage")
-    try:
-        header = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise _fail(where, f"header is not valid JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise _fail(where, "header is not a JSON object")
-    return header
 
 
 def _int(value, lo: int, hi: int, what: str, where: str) -> int:
@@ -271,8 +312,8 @@ def _tensor(d, i: int, where: str) -> TensorEntry:
     if not isinstance(d, dict):
         raise _fail(where, f"tensor entry {i} is not an object")
     name = d.get("name")
-    if not isinstance(name, str) or not name or len(name) > 1024:
-        raise _fail(where, f"tensor entry {i} has no valid name")
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS or not _utf8(name):
+        raise _fail(where, f"tensor entry {i} has no valid name (1 to {MAX_NAME_CHARS} characters)")
     what = f"tensor {name!r}"
     e = _blob(d, what, where, _TENSOR_KEYS)
     shape = d["shape"]
@@ -286,32 +327,64 @@ def _tensor(d, i: int, where: str) -> TensorEntry:
     return TensorEntry(e.offset, e.length, e.crc32, name, shape, active)
 
 
-def _validate(header: dict, _text_len: int | None, data_len: int, where: str) -> Container:
+def _utf8(text: str) -> bool:
+    """False for strings with lone surrogates (JSON allows them; UTF-8 cannot store them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _metadata(meta, where: str) -> dict[str, str]:
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _fail(where, "header 'metadata' must map strings to strings")
+    if len(meta) > MAX_METADATA_KEYS:
+        raise _fail(where, f"metadata has {len(meta)} keys, more than the limit {MAX_METADATA_KEYS}")
+    total = 0
+    for k, v in meta.items():
+        if len(k) > hdr_limits.MAX_KEY_CHARS:
+            raise _fail(where, f"metadata key {k[:40]!r}... has {len(k)} characters, more than the limit "
+                        f"{hdr_limits.MAX_KEY_CHARS}")
+        try:
+            total += len(k.encode("utf-8")) + len(v.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise _fail(where, f"metadata {k[:40]!r} is not valid Unicode text (lone surrogate)") from None
+    if total > MAX_METADATA_BYTES:
+        raise _fail(where, f"metadata holds {total} bytes of text, more than the limit {MAX_METADATA_BYTES}")
+    return dict(meta)
+
+
+def _validate(header: dict, data_len: int, where: str) -> Container:
     if set(header) != _TOP_KEYS:
         raise _fail(where, f"header keys must be {sorted(_TOP_KEYS)}, got {sorted(header)[:10]}")
     bb = header["backbone"]
     if not isinstance(bb, dict) or set(bb) != {"name", "sha256"} or not isinstance(bb["name"], str) \
             or not isinstance(bb["sha256"], str) or not _HEX64.fullmatch(bb["sha256"]):
         raise _fail(where, "header 'backbone' must be {name: str, sha256: 64 lowercase hex digits}")
+    if len(bb["name"]) > MAX_NAME_CHARS or not _utf8(bb["name"]):
+        raise _fail(where, f"header backbone name must be valid text of at most {MAX_NAME_CHARS} characters")
     codec = header["codec"]
     if not isinstance(codec, str):
         raise _fail(where, "header 'codec' must be a string")
     get_codec(codec)  # CodecError for an unknown codec
-    meta = header["metadata"]
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise _fail(where, "header 'metadata' must map strings to strings")
+    meta = _metadata(header["metadata"], where)
     if not isinstance(header["tensors"], list):
         raise _fail(where, "header 'tensors' must be a list")
+    if len(header["tensors"]) > MAX_TENSORS:
+        raise _fail(where, f"header lists {len(header['tensors'])} tensors, more than the limit "
+                    f"{MAX_TENSORS}")
     tensors = [_tensor(d, i, where) for i, d in enumerate(header["tensors"])]
     extras = None if header["extras"] is None else _extras(header["extras"], where)
     _check_tiling(tensors, extras, data_len, codec, where)
-    return Container(1, bb["name"], bb["sha256"], codec, tensors, extras, dict(meta), header)
+    return Container(1, bb["name"], bb["sha256"], codec, tensors, extras, meta, header)
 
 
 def _check_tiling(tensors: list[TensorEntry], extras: ExtrasEntry | None, data_len: int, codec: str,
                   where: str) -> None:
     seen: set[str] = set()
     pos = 0
+    cod = get_codec(codec)
     for t in tensors:
         if t.name in seen:
             raise _fail(where, f"tensor {t.name!r} appears twice")
@@ -322,6 +395,10 @@ def _check_tiling(tensors: list[TensorEntry], extras: ExtrasEntry | None, data_l
         if codec == "raw" and t.length != bits.packed_size(t.numel):
             raise _fail(where, f"tensor {t.name!r} has shape {list(t.shape)} ({t.numel} bits) but a "
                         f"{t.length}-byte raw payload; expected {bits.packed_size(t.numel)}")
+        most = cod.max_elements(t.length)
+        if most is not None and t.numel > most:
+            raise _fail(where, f"tensor {t.name!r} declares {t.numel} elements, but a {t.length}-byte "
+                        f"{codec} payload holds at most {most}: corrupted or hostile file")
         pos += t.length
     if extras is not None:
         if extras.offset != pos:
