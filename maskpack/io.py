@@ -26,8 +26,8 @@ from .storage.codecs import DEFAULT_CODEC, available_codecs, get_codec
 from .storage.entropy import TensorContexts
 
 __all__ = ["DEFAULT_CODEC", "MaskFile", "available_codecs", "backbone_tensors", "encode_masks",
-           "is_mask_file", "leftover_temp_files", "load", "load_finetuned", "load_task", "load_task_into", "read", "save",
-           "save_finetuned", "to_bytes", "write_atomic", "write_text"]
+           "is_mask_file", "leftover_temp_files", "load", "load_finetuned", "load_task", "load_task_into",
+           "read", "save", "save_finetuned", "to_bytes", "write_atomic", "write_text"]
 
 SCALE_KEY = "mask.scale"
 
