@@ -10,7 +10,8 @@ Methods: ``fft`` (every weight trains), ``mask`` (scores on every conv/linear we
 per-layer path) and, with ``--compile``, ``mask-compiled`` (the same masks through
 :func:`maskpack.masking.compile_masks_`, one fused pass for all masked weights). Each repeat
 times ``--inner`` steps of every method in turn (the order rotates), so machine drift hits all
-alike; the figures are medians over ``--steps`` repeats. On CUDA: bf16 autocast and
+alike; the figures are medians over ``--steps`` repeats, of wall time and (on CPU) of the
+process's CPU time, which a shared machine disturbs less. On CUDA: bf16 autocast and
 channels_last unless ``--no-amp`` / ``--no-channels-last``. ResNet-50 is torchvision's with
 random weights (``weights=None``; speed does not depend on the values). The last line is
 ``ratio <mask step time / fft step time>`` of the first configuration.
@@ -90,23 +91,26 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_config(model: str, size: int, methods: list[str], args) -> dict[str, float]:
-    """Median seconds per step of each method, interleaved."""
+def time_config(model: str, size: int, methods: list[str], args) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall and process-CPU seconds per step of each method, interleaved."""
     runs = {m: build(m, model, args) for m in methods}
     x, y = batch(model, size, args)
     for m in methods:
         for _ in range(args.warmup):
             step(*runs[m], x, y, args.amp)
-    times: dict[str, list[float]] = {m: [] for m in methods}
+    wall: dict[str, list[float]] = {m: [] for m in methods}
+    cpu: dict[str, list[float]] = {m: [] for m in methods}
     for r in range(args.steps):
         for m in methods[r % len(methods):] + methods[:r % len(methods)]:  # rotate the order
             sync(args.device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(args.inner):
                 step(*runs[m], x, y, args.amp)
             sync(args.device)
-            times[m].append((time.perf_counter() - t0) / args.inner)
-    return {m: statistics.median(t) for m, t in times.items()}
+            wall[m].append((time.perf_counter() - t0) / args.inner)
+            cpu[m].append((time.process_time() - c0) / args.inner)
+    med = {m: statistics.median(t) for m, t in wall.items()}
+    return med, {m: statistics.median(t) for m, t in cpu.items()}
 
 
 def peak_memory(method: str, model: str, size: int, args) -> float:
@@ -193,7 +197,7 @@ def main() -> None:
     methods = ["fft", "mask"] + (["mask-compiled"] if args.compile else [])
     ratios = []
     for model, size in parse_configs(args):
-        med = time_config(model, size, methods, args)
+        med, cpu_med = time_config(model, size, methods, args)
         mem = {m: peak_memory(m, model, size, args) for m in methods} if args.memory else {}
         print(f"{model} {size}px, batch {args.batch}, {args.device}"
               f"{', bf16 autocast' if args.amp else ''}{', channels_last' if args.channels_last else ''}"
@@ -202,11 +206,15 @@ def main() -> None:
         row = {"model": model, "size": size, "batch": args.batch, "device": args.device, "amp": args.amp}
         for m in methods:
             ratio = med[m] / med["fft"]
-            extra = f"   step memory {mem[m]:8.1f} MiB" if mem else ""
+            extra = "" if cuda else (f"   cpu time {cpu_med[m] * 1000:9.2f} ms, "
+                                     f"{m}/fft {cpu_med[m] / cpu_med['fft']:.3f}")
+            extra += f"   step memory {mem[m]:8.1f} MiB" if mem else ""
             print(f"  {m:14s} {med[m] * 1000:9.2f} ms  {args.batch / med[m]:9.1f} images/s  "
                   f"{m}/fft {ratio:.3f}{extra}")
             row[f"{m}_ms"], row[f"{m}_images_per_s"] = med[m] * 1000, args.batch / med[m]
             row[f"{m}_over_fft"] = ratio
+            if not cuda:
+                row[f"{m}_cpu_ms"], row[f"{m}_cpu_over_fft"] = cpu_med[m] * 1000, cpu_med[m] / cpu_med["fft"]
             if mem:
                 row[f"{m}_step_mib"] = mem[m]
         ratios.append(med["mask"] / med["fft"])

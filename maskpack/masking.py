@@ -39,44 +39,59 @@ FilterFn = Callable[[nn.Module, str], bool]
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 _ATTN_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+_MAX_FUSED = 2**24  # float32 counts kept weights exactly up to here
 
 
 class _MaskedWeight(torch.autograd.Function):
     """W * (M * 1/alpha) with the straight-through gradient dL/dS := dL/dM, in one node.
 
-    The forward uses the same arithmetic as :func:`masked_weight` (so baking is bit-identical)
-    but keeps the mask boolean; the backward is written out by hand, with no host
-    synchronisation (the all-zero case is a ``torch.where``, not a Python branch):
+    The forward is :func:`masked_weight`'s arithmetic (so baking is bit-identical); the backward
+    is written out by hand, with no host synchronisation (the all-zero case is a multiply by
+    ``count > 1``, not a Python branch). With ``MI = M * inv``:
 
-        dL/dM_j = g_j W_j inv  -  0.5 inv^3 / n * sum_i(g_i W_i M_i)   (second term: via alpha)
+        dL/dM_j = g_j W_j inv  -  0.5 inv^2 / n * sum_i(g_i W_i MI_i)   (second term: via alpha)
     """
 
     @staticmethod
     def forward(ctx, weight, scores, mask, scale: bool, detach_alpha: bool):  # noqa: ARG004
-        ctx.scale, ctx.detach_alpha, ctx.inv_numel = scale, detach_alpha, 1.0 / max(mask.numel(), 1)
+        mf = mask.to(weight.dtype)  # no copy when ScoreMask made it in this dtype
+        ctx.scale, ctx.detach_alpha, ctx.inv_numel = scale, detach_alpha, 1.0 / max(mf.numel(), 1)
         if not scale:
-            ctx.save_for_backward(weight, mask)
-            return weight * mask.to(weight.dtype)
-        count = mask.sum().to(weight.dtype)  # exact: an integer below 2**24 in float32
+            ctx.save_for_backward(weight, mf)
+            return weight * mf
+        count = _count(mf)
         inv = _inverse_alpha_from_count(count, ctx.inv_numel)
-        ctx.save_for_backward(weight, mask, count, inv)
-        return _apply_mask(weight, mask, inv)
+        scale_mask = mf * inv  # _scaled's inner product, kept for the backward
+        ctx.save_for_backward(weight, scale_mask, count, inv)
+        return weight * scale_mask
 
     @staticmethod
     def backward(ctx, grad):
-        if not ctx.scale:
-            weight, mask = ctx.saved_tensors
-            grad_w = grad * mask if ctx.needs_input_grad[0] else None
-            return grad_w, grad * weight, None, None, None
-        weight, mask, count, inv = ctx.saved_tensors
+        weight, scale_mask = ctx.saved_tensors[:2]  # scale_mask: M * inv (or M without scaling)
+        grad_w = grad * scale_mask if ctx.needs_input_grad[0] else None
         gw = grad * weight  # dL/d(M * 1/alpha)
+        if not ctx.scale:
+            return grad_w, gw, None, None, None
+        count, inv = ctx.saved_tensors[2:]
         if ctx.detach_alpha:
-            grad_s = gw * inv
-        else:
-            through_alpha = (gw * mask).sum() * _alpha_coef(count, inv, ctx.inv_numel)
-            grad_s = torch.addcmul(through_alpha, gw, inv)
-        grad_w = grad * torch.where(mask, inv, 0.0) if ctx.needs_input_grad[0] else None
-        return grad_w, grad_s, None, None, None
+            return grad_w, gw.mul_(inv), None, None, None
+        through_alpha = _dot(gw, scale_mask) * _alpha_coef(count, inv, ctx.inv_numel)
+        return grad_w, torch.addcmul(through_alpha, gw, inv, out=gw), None, None, None
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b) in one pass when both are dense with the same strides, else via a product."""
+    if a.stride() == b.stride() and _dense(a):
+        n = a.numel()
+        return torch.dot(a.as_strided((n,), (1,)), b.as_strided((n,), (1,)))
+    return (a * b).sum()
+
+
+def _count(mask_float: torch.Tensor) -> torch.Tensor:
+    """Number of kept weights, exact and rounded once to the mask's dtype."""
+    if mask_float.numel() < _MAX_FUSED or mask_float.dtype == torch.float64:
+        return mask_float.sum()  # integers below 2**24 add up exactly in float32
+    return mask_float.sum(dtype=torch.float64).to(mask_float.dtype)
 
 
 def _inverse_alpha_from_count(count: torch.Tensor, inv_numel: float | torch.Tensor) -> torch.Tensor:
@@ -85,35 +100,34 @@ def _inverse_alpha_from_count(count: torch.Tensor, inv_numel: float | torch.Tens
 
 
 def _alpha_coef(count: torch.Tensor, inv: torch.Tensor, inv_numel: float | torch.Tensor) -> torch.Tensor:
-    """d(1/alpha)/d(count) = -0.5 inv^3 / n; zero where the count sits on its floor (count <= 1)."""
-    return torch.where(count > 1, inv.pow(3) * inv_numel * -0.5, 0.0)
+    """The factor on sum(g W M inv) of the gradient through alpha: d(1/alpha)/d(count) / inv.
+
+    That is -0.5 inv^2 / n, and zero where the count sits on its floor (count <= 1).
+    """
+    return inv.square() * (count > 1) * (inv_numel * -0.5)
 
 
-def _apply_mask(weight: torch.Tensor, mask: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
-    """W * (M * inv) for a boolean M: ``where(M, inv, 0)`` is exactly ``float(M) * inv``."""
-    return weight * torch.where(mask, inv, 0.0)
+def _scaled(weight: torch.Tensor, mask_float: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """W * (M * inv), in this order of operations (every path must round alike)."""
+    return weight * (mask_float * inv)
 
 
 def inverse_alpha(mask_float: torch.Tensor) -> torch.Tensor:
-    """1 / sqrt(mean(M)), with the count of kept weights clamped to 1 so an all-zero mask stays finite.
-
-    The count is summed in float64 (exact) and rounded once, as the training paths do.
-    """
-    count = mask_float.sum(dtype=torch.float64).to(mask_float.dtype)
-    return _inverse_alpha_from_count(count, 1.0 / max(mask_float.numel(), 1))
+    """1 / sqrt(mean(M)), with the count of kept weights clamped to 1 so an all-zero mask stays finite."""
+    return _inverse_alpha_from_count(_count(mask_float), 1.0 / max(mask_float.numel(), 1))
 
 
 def masked_weight(weight: torch.Tensor, mask_float: torch.Tensor, *, scale: bool = True,
                   detach_alpha: bool = False) -> torch.Tensor:
     """W * (M * (1/alpha)): the one definition used by training, baking and task switching.
 
-    Training computes the same numbers from a boolean mask (:class:`_MaskedWeight`, and
-    :func:`compile_masks_`'s fused pass); tests pin all three to ``torch.equal``.
+    The per-layer training node (:class:`_MaskedWeight`) and :func:`compile_masks_`'s fused
+    pass run this same arithmetic; tests pin them to ``torch.equal``.
     """
     if not scale:
         return weight * mask_float
     inv = inverse_alpha(mask_float.detach() if detach_alpha else mask_float)
-    return weight * (mask_float * inv)
+    return _scaled(weight, mask_float, inv)
 
 
 def mask_from_scores(scores: torch.Tensor, *, mode: str = "threshold", threshold: float = 0.0,
@@ -172,12 +186,20 @@ class ScoreMask(nn.Module):
         """The current binary mask (bool, same shape as the weight)."""
         return mask_from_scores(self.scores.detach(), mode=self.mode, threshold=self.threshold, k=self.k)
 
+    def _mask_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The mask as 0/1 of ``dtype``; threshold mode writes it in one pass."""
+        if self.mode != "threshold":
+            return self.mask().to(dtype)
+        s = self.scores.detach()
+        return torch.gt(s, self.threshold, out=torch.empty_like(s, dtype=dtype))
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         fused = self._fused
         if fused is not None and fused[1] is weight and fused[2:] == (
                 weight._version, self.scores._version, torch.is_grad_enabled()):
             return fused[0]  # computed by the fused pass from these very tensors, this forward
-        return _MaskedWeight.apply(weight, self.scores, self.mask(), self.scale, self.detach_alpha)
+        return _MaskedWeight.apply(weight, self.scores, self._mask_as(weight.dtype), self.scale,
+                                   self.detach_alpha)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode}, threshold={self.threshold}, scale={self.scale}"
@@ -341,7 +363,6 @@ def strip_masks_(model: nn.Module) -> None:
 # -- one fused pass for all masked weights (compile_masks_) ------------------------------------------
 
 _ROW = 512  # fused layout: every tensor starts on a row of this many elements
-_MAX_FUSED = 2**24  # float32 holds a count of kept weights exactly up to here
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -396,13 +417,16 @@ class _Bank:
             self.weight_flat, self.weight_versions = flat, versions
         return self.weight_flat.view(-1, _ROW)
 
-    def mask_rows(self, scores: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """The boolean masks as (rows, _ROW)."""
+    def mask_rows(self, scores: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The masks as 0/1 floats, (rows, _ROW)."""
+        device = self.scores_flat.device
         if self.mode == "threshold":
             torch._foreach_copy_(self.score_views, list(scores))
-            return (self.scores_flat > self.threshold).view(-1, _ROW)
-        flat = torch.zeros(self.size, dtype=torch.bool, device=self.scores_flat.device)
-        torch._foreach_copy_(self.views(flat), [sm.mask() for sm in self.masks])
+            flat = torch.gt(self.scores_flat, self.threshold, out=torch.empty(self.size, dtype=dtype,
+                                                                               device=device))
+        else:
+            flat = torch.zeros(self.size, dtype=dtype, device=device)
+            torch._foreach_copy_(self.views(flat), [sm.mask() for sm in self.masks])
         return flat.view(-1, _ROW)
 
     def per_tensor(self, row_values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -417,47 +441,42 @@ class _FusedMaskedWeights(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, bank: _Bank, *tensors):
-        mask = bank.mask_rows(tensors[:len(bank.masks)])
         w = bank.weight_rows()
+        mf = bank.mask_rows(tensors[:len(bank.masks)], w.dtype)
         ctx.bank = bank
         ctx.set_materialize_grads(False)
-        if bank.scale:
-            count = bank.per_tensor(mask.sum(1), w.dtype)
-            inv = _inverse_alpha_from_count(count, bank.inv_numel)
-            inv_rows = inv[bank.row_owner].unsqueeze(1)
-            out = _apply_mask(w, mask, inv_rows)
-            ctx.save_for_backward(w, mask, count, inv, inv_rows)
-        else:
-            out = w * mask.to(w.dtype)
-            ctx.save_for_backward(w, mask)
-        return tuple(bank.views(out.view(-1)))
+        if not bank.scale:
+            ctx.save_for_backward(w, mf)
+            return tuple(bank.views((w * mf).view(-1)))
+        count = bank.per_tensor(mf.sum(1), w.dtype)
+        inv = _inverse_alpha_from_count(count, bank.inv_numel)
+        inv_rows = inv[bank.row_owner].unsqueeze(1)
+        scale_mask = mf * inv_rows  # _scaled's inner product, row by row
+        ctx.save_for_backward(w, scale_mask, count, inv, inv_rows)
+        return tuple(bank.views((w * scale_mask).view(-1)))
 
     @staticmethod
     def backward(ctx, *grads):
         bank, n = ctx.bank, len(ctx.bank.masks)
-        w, mask = ctx.saved_tensors[:2]
+        w, scale_mask = ctx.saved_tensors[:2]
         g = torch.zeros_like(w)  # padding and unused outputs stay zero
         used = [i for i, gi in enumerate(grads) if gi is not None]
         if used:
             views = bank.views(g.view(-1))
             torch._foreach_copy_([views[i] for i in used], [grads[i] for i in used])
+        out: list[torch.Tensor | None] = [None] * (2 * n)
+        if any(ctx.needs_input_grad[n + 1:]):
+            out[n:] = bank.views((g * scale_mask).view(-1))
         gw = g * w  # dL/d(M * 1/alpha)
-        if not bank.scale:
-            grad_s, scale_w = gw, mask.to(w.dtype)
-        else:
+        if bank.scale:
             count, inv, inv_rows = ctx.saved_tensors[2:]
             if bank.detach_alpha:
-                grad_s = gw * inv_rows
+                gw.mul_(inv_rows)
             else:
-                through = bank.per_tensor((gw * mask).sum(1), w.dtype)
+                through = bank.per_tensor((gw * scale_mask).sum(1), w.dtype)
                 through = through * _alpha_coef(count, inv, bank.inv_numel)  # (tensors,)
-                grad_s = torch.addcmul(through[bank.row_owner].unsqueeze(1), gw, inv_rows)
-            scale_w = torch.where(mask, inv_rows, 0.0) if any(ctx.needs_input_grad[n + 1:]) else None
-        out: list[torch.Tensor | None] = [None] * (2 * n)
-        if any(ctx.needs_input_grad[1:n + 1]):
-            out[:n] = bank.views(grad_s.view(-1))
-        if any(ctx.needs_input_grad[n + 1:]):
-            out[n:] = bank.views((g * scale_w).view(-1))
+                torch.addcmul(through[bank.row_owner].unsqueeze(1), gw, inv_rows, out=gw)
+        out[:n] = bank.views(gw.view(-1))
         need = ctx.needs_input_grad[1:]
         return (None, *[o if need[i] else None for i, o in enumerate(out)])
 

@@ -219,3 +219,15 @@ def test_unfusable_tensors_keep_the_per_layer_path():
         warnings.simplefilter("error")
         net(torch.randn(3, 4, dtype=torch.float64)).sum().backward()
     assert net[0].parametrizations.weight[0].scores.grad.abs().sum() > 0
+
+
+def test_dot_matches_the_product_sum_for_any_layout():
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(6, 5, 3, 3, generator=g)
+    b = torch.randn(6, 5, 3, 3, generator=g)
+    expected = (a * b).sum()
+    cl = torch.channels_last
+    for x, y in [(a, b), (a.contiguous(memory_format=cl), b.contiguous(memory_format=cl)),
+                 (a, b.contiguous(memory_format=cl)), (a[:, :4], b[:, :4])]:
+        ref = expected if x.shape == a.shape else (a[:, :4] * b[:, :4]).sum()
+        assert torch.allclose(masking._dot(x, y), ref, rtol=1e-5), (x.stride(), y.stride())
