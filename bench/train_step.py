@@ -113,6 +113,30 @@ def time_config(model: str, size: int, methods: list[str], args) -> tuple[dict[s
     return med, {m: statistics.median(t) for m, t in cpu.items()}
 
 
+def count_ops(model: str, size: int, methods: list[str], args) -> dict[str, int]:
+    """Aten operators (views excluded) that one training step dispatches: roughly its kernel launches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args_=(), kwargs=None):  # noqa: ARG002
+            if not func.is_view:
+                Counter.n += 1
+            return func(*args_, **(kwargs or {}))
+
+    out = {}
+    for m in methods:
+        net, opt = build(m, model, args)
+        x, y = batch(model, size, args)
+        step(net, opt, x, y, args.amp)
+        Counter.n = 0
+        with Counter():
+            step(net, opt, x, y, args.amp)
+        out[m] = Counter.n
+    return out
+
+
 def peak_memory(method: str, model: str, size: int, args) -> float:
     """MiB a training step adds to the resident model: CUDA peak in-process, CPU via a child's ru_maxrss."""
     if args.device.startswith("cuda"):
@@ -180,6 +204,7 @@ def main() -> None:
     ap.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on CUDA")
     ap.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     ap.add_argument("--memory", action="store_true", help="also measure each step's peak memory")
+    ap.add_argument("--ops", action="store_true", help="also count the aten operators of one step")
     ap.add_argument("--json", action="store_true", help="also print one JSON line per configuration")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -199,6 +224,7 @@ def main() -> None:
     for model, size in parse_configs(args):
         med, cpu_med = time_config(model, size, methods, args)
         mem = {m: peak_memory(m, model, size, args) for m in methods} if args.memory else {}
+        ops = count_ops(model, size, methods, args) if args.ops else {}
         print(f"{model} {size}px, batch {args.batch}, {args.device}"
               f"{', bf16 autocast' if args.amp else ''}{', channels_last' if args.channels_last else ''}"
               f"{'' if cuda else f', {args.threads} threads'}: median of {args.steps} interleaved "
@@ -209,6 +235,7 @@ def main() -> None:
             extra = "" if cuda else (f"   cpu time {cpu_med[m] * 1000:9.2f} ms, "
                                      f"{m}/fft {cpu_med[m] / cpu_med['fft']:.3f}")
             extra += f"   step memory {mem[m]:8.1f} MiB" if mem else ""
+            extra += f"   {ops[m]} aten ops/step" if ops else ""
             print(f"  {m:14s} {med[m] * 1000:9.2f} ms  {args.batch / med[m]:9.1f} images/s  "
                   f"{m}/fft {ratio:.3f}{extra}")
             row[f"{m}_ms"], row[f"{m}_images_per_s"] = med[m] * 1000, args.batch / med[m]
@@ -217,6 +244,8 @@ def main() -> None:
                 row[f"{m}_cpu_ms"], row[f"{m}_cpu_over_fft"] = cpu_med[m] * 1000, cpu_med[m] / cpu_med["fft"]
             if mem:
                 row[f"{m}_step_mib"] = mem[m]
+            if ops:
+                row[f"{m}_aten_ops"] = ops[m]
         ratios.append(med["mask"] / med["fft"])
         if args.json:
             print(json.dumps(row))

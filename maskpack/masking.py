@@ -80,11 +80,17 @@ class _MaskedWeight(torch.autograd.Function):
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum(a * b) in one pass when both are dense with the same strides, else via a product."""
-    if a.stride() == b.stride() and _dense(a):
+    """sum(a * b) in one pass when both are dense in the same order, else via a product."""
+    if _same_layout(a, b) and _dense(a):
         n = a.numel()
         return torch.dot(a.as_strided((n,), (1,)), b.as_strided((n,), (1,)))
     return (a * b).sum()
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and the same strides wherever a dimension has more than one element."""
+    return a.shape == b.shape and all(
+        n == 1 or x == y for n, x, y in zip(a.shape, a.stride(), b.stride(), strict=True))
 
 
 def _count(mask_float: torch.Tensor) -> torch.Tensor:
@@ -461,9 +467,11 @@ class _FusedMaskedWeights(torch.autograd.Function):
         w, scale_mask = ctx.saved_tensors[:2]
         g = torch.zeros_like(w)  # padding and unused outputs stay zero
         used = [i for i, gi in enumerate(grads) if gi is not None]
-        if used:
+        if used:  # strides of one-element dimensions aligned, so that the copy takes one kernel
             views = bank.views(g.view(-1))
-            torch._foreach_copy_([views[i] for i in used], [grads[i] for i in used])
+            src = [grads[i].as_strided(grads[i].shape, views[i].stride())
+                   if _same_layout(grads[i], views[i]) else grads[i] for i in used]
+            torch._foreach_copy_([views[i] for i in used], src)
         out: list[torch.Tensor | None] = [None] * (2 * n)
         if any(ctx.needs_input_grad[n + 1:]):
             out[n:] = bank.views((g * scale_mask).view(-1))

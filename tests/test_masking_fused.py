@@ -231,3 +231,7 @@ def test_dot_matches_the_product_sum_for_any_layout():
                  (a, b.contiguous(memory_format=cl)), (a[:, :4], b[:, :4])]:
         ref = expected if x.shape == a.shape else (a[:, :4] * b[:, :4]).sum()
         assert torch.allclose(masking._dot(x, y), ref, rtol=1e-5), (x.stride(), y.stride())
+    p, q = torch.randn(4, 3, 1, 1, generator=g), torch.randn(4, 3, 1, 1, generator=g)  # 1x1 kernels
+    q_cl = torch.empty_strided((4, 3, 1, 1), (3, 1, 3, 3)).copy_(q)  # channels_last strides
+    assert p.stride() != q_cl.stride() and masking._same_layout(p, q_cl)
+    assert torch.allclose(masking._dot(p, q_cl), (p * q).sum(), rtol=1e-5)
