@@ -418,8 +418,9 @@ class _Bank:
         """The frozen weights as (rows, _ROW), copied again only after one of them changed."""
         versions = tuple(w._version for w in self.weights)
         if versions != self.weight_versions:  # a new buffer: a graph may still hold the old one
-            flat = torch.zeros(self.size, dtype=self.weights[0].dtype, device=self.weights[0].device)
-            torch._foreach_copy_(self.views(flat), [w.detach() for w in self.weights])
+            with torch.inference_mode(False):  # kept across calls: never an inference tensor
+                flat = torch.zeros(self.size, dtype=self.weights[0].dtype, device=self.weights[0].device)
+                torch._foreach_copy_(self.views(flat), [w.detach() for w in self.weights])
             self.weight_flat, self.weight_versions = flat, versions
         return self.weight_flat.view(-1, _ROW)
 
@@ -512,7 +513,8 @@ class _FusedMasks:
                         and 0 < w.numel() < _MAX_FUSED and _dense(w)):
                     key = (w.device, sm.mode, sm.threshold, sm.k, sm.scale, sm.detach_alpha)
                     groups.setdefault(key, []).append((sm, w))
-            self.banks = [_Bank([sm for sm, _ in g], [w for _, w in g]) for g in groups.values()]
+            with torch.inference_mode(False):
+                self.banks = [_Bank([sm for sm, _ in g], [w for _, w in g]) for g in groups.values()]
             self.layout = layout
         return sum(len(b.masks) for b in self.banks)
 

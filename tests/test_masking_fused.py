@@ -211,6 +211,15 @@ def test_compile_strip_copy_and_errors(tiny_net):
         assert torch.equal(tiny_net(torch.ones(1, 3, 8, 8)), before)
 
 
+def test_compiled_model_trains_after_an_inference_mode_forward(tiny_net):
+    masking.apply_masks_(tiny_net)
+    masking.compile_masks_(tiny_net)
+    with torch.inference_mode():  # the layout's buffers are built here, and must outlive it
+        tiny_net(torch.randn(2, 3, 8, 8))
+    tiny_net(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert all(sm.scores.grad is not None for sm in masking.score_masks(tiny_net).values())
+
+
 def test_unfusable_tensors_keep_the_per_layer_path():
     net = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2)).double()
     masking.apply_masks_(net)
