@@ -1,7 +1,7 @@
 """Masked vs full fine-tuning training step, side by side: step time, images/s, ratio.
 
 Usage:
-    .venv/bin/python bench/train_step.py                      # CPU: Lite0 64 px, batch 64 (~1-2 min)
+    .venv/bin/python bench/train_step.py                      # CPU: Lite0 64 px, batch 64, 1 thread
     .venv/bin/python bench/train_step.py --device cuda --compile   # Lite0 128/224 px, ResNet-50 224 px
     .venv/bin/python bench/train_step.py --model resnet50 --size 224 --batch 32 --steps 5
     .venv/bin/python bench/train_step.py --configs lite0:128,resnet50:224 --memory --json
@@ -14,7 +14,8 @@ alike; the figures are medians over ``--steps`` repeats, of wall time and (on CP
 process's CPU time, which a shared machine disturbs less. On CUDA: bf16 autocast and
 channels_last unless ``--no-amp`` / ``--no-channels-last``. ResNet-50 is torchvision's with
 random weights (``weights=None``; speed does not depend on the values). The last line is
-``ratio <mask step time / fft step time>`` of the first configuration.
+``ratio <mask step time / fft step time>`` of the first configuration (on CPU preceded by
+``cpu_time_ratio``, the same from process CPU time).
 """
 
 from __future__ import annotations
@@ -195,10 +196,11 @@ def main() -> None:
     ap.add_argument("--configs", default=None, help="MODEL:SIZE,... (default: cpu lite0:64; "
                     "cuda lite0:128,lite0:224,resnet50:224)")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=None, help="timed repeats per method (cpu 5, cuda 20)")
+    ap.add_argument("--steps", type=int, default=None, help="timed repeats per method (cpu 10, cuda 20)")
     ap.add_argument("--inner", type=int, default=None, help="steps per timed repeat (cpu 1, cuda 5)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per method (cpu 1, cuda 5)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads (1: on a shared machine, more threads mostly time barrier waits)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--compile", action="store_true", help="also time masking.compile_masks_")
     ap.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on CUDA")
@@ -211,7 +213,7 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     args.amp = args.amp and cuda
     args.channels_last = args.channels_last and cuda
-    args.steps = args.steps or (20 if cuda else 5)
+    args.steps = args.steps or (20 if cuda else 10)
     args.inner = args.inner or (5 if cuda else 1)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     torch.set_num_threads(args.threads)
@@ -220,7 +222,7 @@ def main() -> None:
     if cuda:
         print(f"device: {torch.cuda.get_device_name(0)} | torch {torch.__version__}")
     methods = ["fft", "mask"] + (["mask-compiled"] if args.compile else [])
-    ratios = []
+    ratios, cpu_ratios = [], []
     for model, size in parse_configs(args):
         med, cpu_med = time_config(model, size, methods, args)
         mem = {m: peak_memory(m, model, size, args) for m in methods} if args.memory else {}
@@ -247,8 +249,11 @@ def main() -> None:
             if ops:
                 row[f"{m}_aten_ops"] = ops[m]
         ratios.append(med["mask"] / med["fft"])
+        cpu_ratios.append(cpu_med["mask"] / cpu_med["fft"])
         if args.json:
             print(json.dumps(row))
+    if not cuda:
+        print(f"cpu_time_ratio {cpu_ratios[0]:.3f}")
     print(f"ratio {ratios[0]:.3f}")
 
 
