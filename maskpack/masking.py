@@ -25,8 +25,8 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
-import re
 from collections.abc import Callable
 
 import torch
@@ -39,60 +39,101 @@ FilterFn = Callable[[nn.Module, str], bool]
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 _ATTN_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+_MAX_FUSED = 2**24  # float32 counts kept weights exactly up to here
 
 
 class _MaskedWeight(torch.autograd.Function):
     """W * (M * 1/alpha) with the straight-through gradient dL/dS := dL/dM, in one node.
 
-    Forward is computed by :func:`masked_weight` (so baking is bit-identical); backward is
-    written out by hand, which saves autograd from keeping and revisiting five intermediate
-    tensors per masked layer:
+    The forward is :func:`masked_weight`'s arithmetic (so baking is bit-identical); the backward
+    is written out by hand, with no host synchronisation (the all-zero case is a multiply by
+    ``count > 1``, not a Python branch). With ``MI = M * inv``:
 
-        dL/dM_j = g_j W_j inv  -  0.5 inv^3 / n * sum_i(g_i W_i M_i)   (second term: via alpha)
+        dL/dM_j = g_j W_j inv  -  0.5 inv^2 / n * sum_i(g_i W_i MI_i)   (second term: via alpha)
     """
 
     @staticmethod
     def forward(ctx, weight, scores, mask, scale: bool, detach_alpha: bool):  # noqa: ARG004
-        mf = mask.to(weight.dtype)
-        out = masked_weight(weight, mf, scale=scale)
-        ctx.scale, ctx.detach_alpha = scale, detach_alpha
-        ctx.save_for_backward(weight, mf)
-        return out
+        mf = mask.to(weight.dtype)  # no copy when ScoreMask made it in this dtype
+        ctx.scale, ctx.detach_alpha, ctx.inv_numel = scale, detach_alpha, 1.0 / max(mf.numel(), 1)
+        if not scale:
+            ctx.save_for_backward(weight, mf)
+            return weight * mf
+        count = _count(mf)
+        inv = _inverse_alpha_from_count(count, ctx.inv_numel)
+        scale_mask = mf * inv  # _scaled's inner product, kept for the backward
+        ctx.save_for_backward(weight, scale_mask, count, inv)
+        return weight * scale_mask
 
     @staticmethod
     def backward(ctx, grad):
-        weight, mf = ctx.saved_tensors
+        weight, scale_mask = ctx.saved_tensors[:2]  # scale_mask: M * inv (or M without scaling)
+        grad_w = grad * scale_mask if ctx.needs_input_grad[0] else None
         gw = grad * weight  # dL/d(M * 1/alpha)
-        grad_w = None
         if not ctx.scale:
-            grad_s = gw
-            if ctx.needs_input_grad[0]:
-                grad_w = grad * mf
-            return grad_w, grad_s, None, None, None
-        n = max(mf.numel(), 1)
-        mean = mf.mean()
-        inv = torch.rsqrt(torch.clamp(mean, min=1.0 / n))
-        grad_s = gw * inv
-        if not ctx.detach_alpha and bool(mean > 1.0 / n):  # clamp passes no gradient at its floor
-            grad_s = grad_s + (gw * mf).sum() * (-0.5 * inv**3 / n)
-        if ctx.needs_input_grad[0]:
-            grad_w = grad * (mf * inv)
-        return grad_w, grad_s, None, None, None
+            return grad_w, gw, None, None, None
+        count, inv = ctx.saved_tensors[2:]
+        if ctx.detach_alpha:
+            return grad_w, gw.mul_(inv), None, None, None
+        through_alpha = _dot(gw, scale_mask) * _alpha_coef(count, inv, ctx.inv_numel)
+        return grad_w, torch.addcmul(through_alpha, gw, inv, out=gw), None, None, None
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b) in one pass when both are dense in the same order, else via a product."""
+    if _same_layout(a, b) and _dense(a):
+        n = a.numel()
+        return torch.dot(a.as_strided((n,), (1,)), b.as_strided((n,), (1,)))
+    return (a * b).sum()
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and the same strides wherever a dimension has more than one element."""
+    return a.shape == b.shape and all(
+        n == 1 or x == y for n, x, y in zip(a.shape, a.stride(), b.stride(), strict=True))
+
+
+def _count(mask_float: torch.Tensor) -> torch.Tensor:
+    """Number of kept weights, exact and rounded once to the mask's dtype."""
+    if mask_float.numel() < _MAX_FUSED or mask_float.dtype == torch.float64:
+        return mask_float.sum()  # integers below 2**24 add up exactly in float32
+    return mask_float.sum(dtype=torch.float64).to(mask_float.dtype)
+
+
+def _inverse_alpha_from_count(count: torch.Tensor, inv_numel: float | torch.Tensor) -> torch.Tensor:
+    """1/sqrt(max(count, 1) / n): the one formula, elementwise, for one tensor or a vector of them."""
+    return torch.rsqrt(torch.clamp(count, min=1.0) * inv_numel)
+
+
+def _alpha_coef(count: torch.Tensor, inv: torch.Tensor, inv_numel: float | torch.Tensor) -> torch.Tensor:
+    """The factor on sum(g W M inv) of the gradient through alpha: d(1/alpha)/d(count) / inv.
+
+    That is -0.5 inv^2 / n, and zero where the count sits on its floor (count <= 1).
+    """
+    return inv.square() * (count > 1) * (inv_numel * -0.5)
+
+
+def _scaled(weight: torch.Tensor, mask_float: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """W * (M * inv), in this order of operations (every path must round alike)."""
+    return weight * (mask_float * inv)
 
 
 def inverse_alpha(mask_float: torch.Tensor) -> torch.Tensor:
-    """1 / sqrt(mean(M)), with mean(M) clamped to 1/numel so an all-zero mask stays finite."""
-    floor = 1.0 / max(mask_float.numel(), 1)
-    return torch.rsqrt(torch.clamp(mask_float.mean(), min=floor))
+    """1 / sqrt(mean(M)), with the count of kept weights clamped to 1 so an all-zero mask stays finite."""
+    return _inverse_alpha_from_count(_count(mask_float), 1.0 / max(mask_float.numel(), 1))
 
 
 def masked_weight(weight: torch.Tensor, mask_float: torch.Tensor, *, scale: bool = True,
                   detach_alpha: bool = False) -> torch.Tensor:
-    """W * (M * (1/alpha)): the one definition used by training, baking and task switching."""
+    """W * (M * (1/alpha)): the one definition used by training, baking and task switching.
+
+    The per-layer training node (:class:`_MaskedWeight`) and :func:`compile_masks_`'s fused
+    pass run this same arithmetic; tests pin them to ``torch.equal``.
+    """
     if not scale:
         return weight * mask_float
     inv = inverse_alpha(mask_float.detach() if detach_alpha else mask_float)
-    return weight * (mask_float * inv)
+    return _scaled(weight, mask_float, inv)
 
 
 def mask_from_scores(scores: torch.Tensor, *, mode: str = "threshold", threshold: float = 0.0,
@@ -145,13 +186,26 @@ class ScoreMask(nn.Module):
             bound = 1.0 / math.sqrt(fan_in)
             scores = torch.rand(tuple(shape), generator=generator) * (2 * bound) - bound
         self.scores = nn.Parameter(scores)
+        self._fused: tuple | None = None  # set by compile_masks_'s forward pre-hook, for one forward
 
     def mask(self) -> torch.Tensor:
         """The current binary mask (bool, same shape as the weight)."""
         return mask_from_scores(self.scores.detach(), mode=self.mode, threshold=self.threshold, k=self.k)
 
+    def _mask_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The mask as 0/1 of ``dtype``; threshold mode writes it in one pass."""
+        if self.mode != "threshold":
+            return self.mask().to(dtype)
+        s = self.scores.detach()
+        return torch.gt(s, self.threshold, out=torch.empty_like(s, dtype=dtype))
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return _MaskedWeight.apply(weight, self.scores, self.mask(), self.scale, self.detach_alpha)
+        fused = self._fused
+        if fused is not None and fused[1] is weight and fused[2:] == (
+                weight._version, self.scores._version, torch.is_grad_enabled()):
+            return fused[0]  # computed by the fused pass from these very tensors, this forward
+        return _MaskedWeight.apply(weight, self.scores, self._mask_as(weight.dtype), self.scale,
+                                   self.detach_alpha)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode}, threshold={self.threshold}, scale={self.scale}"
@@ -303,6 +357,7 @@ def per_layer_active(model_or_masks) -> dict[str, float]:
 @torch.no_grad()
 def strip_masks_(model: nn.Module) -> None:
     """Bake W*M/alpha into plain parameters and remove all score parametrizations (in place)."""
+    uncompile_masks_(model)
     for _, module in list(model.named_modules()):
         if not parametrize.is_parametrized(module):
             continue
@@ -311,58 +366,225 @@ def strip_masks_(model: nn.Module) -> None:
                 parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
 
 
-# ----------------------------------------------------------------------------- layer filters
+# -- one fused pass for all masked weights (compile_masks_) ------------------------------------------
+
+_ROW = 512  # fused layout: every tensor starts on a row of this many elements
 
 
-def _is_pointwise(module: nn.Module, name: str) -> bool:
-    if isinstance(module, nn.Linear):
-        return default_filter(module, name)
-    if isinstance(module, nn.Conv2d):
-        return default_filter(module, name) and module.kernel_size == (1, 1) and module.groups == 1
-    return False
+def _dense(t: torch.Tensor) -> bool:
+    """True when ``t``'s strides cover exactly numel() consecutive elements, in any dimension order."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride(), strict=True) if s > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
-def _not_depthwise(module: nn.Module, name: str) -> bool:
-    if isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels:
-        return False
-    return default_filter(module, name)
+class _Bank:
+    """Masked tensors of one configuration on one device, laid out in flat row-aligned buffers.
 
+    Tensor i occupies ``flat[start_i : start_i + numel_i]`` in its weight's storage order (its
+    segment is viewed with the weight's own strides), padded to whole rows of ``_ROW``: elementwise
+    work on the flat buffer is elementwise work on every tensor, and per-tensor sums are row sums
+    plus a short cumulative sum. Padding holds W = 0 and M = 0.
+    """
 
-LAYER_FILTERS: dict[str, FilterFn] = {
-    "all": default_filter,
-    "pointwise": _is_pointwise,
-    "no-depthwise": _not_depthwise,
-}
+    def __init__(self, masks: list[ScoreMask], weights: list[torch.Tensor]):
+        self.masks, self.weights = masks, weights
+        first = masks[0]
+        self.mode, self.threshold, self.scale, self.detach_alpha = (
+            first.mode, first.threshold, first.scale, first.detach_alpha)
+        device = weights[0].device
+        rows = [-(-w.numel() // _ROW) for w in weights]
+        ends = list(itertools.accumulate(rows))
+        self.starts = [(e - r) * _ROW for e, r in zip(ends, rows, strict=True)]
+        self.size = ends[-1] * _ROW
+        self.bounds = torch.tensor([e - r for e, r in zip(ends, rows, strict=True)] + ends, device=device)
+        owner = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows))
+        self.row_owner = owner.to(device)  # (rows,): which tensor each row belongs to
+        self.inv_numel = torch.tensor([1.0 / w.numel() for w in weights], device=device)
+        self.scores_flat = torch.full((self.size,), -math.inf, device=device)  # -inf: padding is masked
+        self.score_views = self.views(self.scores_flat)
+        self.weight_flat, self.weight_versions = torch.empty(0), None
 
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Each tensor's segment of ``flat``, shaped and strided like its weight."""
+        off = flat.storage_offset()
+        return [torch.as_strided(flat, w.shape, w.stride(), off + s)
+                for w, s in zip(self.weights, self.starts, strict=True)]
 
-def layer_filter(spec: str, model: nn.Module) -> FilterFn:
-    """A mask filter from a name: ``all``, ``pointwise``, ``no-depthwise``, ``no-stem``
-    (all but the first masked tensor), ``last`` (only the last one: Lite0's conv head, the
-    layer before the pooled features) or ``last:N`` (the last N; Lite0's ``last:13`` is blocks
-    12-15 and the conv head), ``no-stem+pointwise`` style combinations, or
-    ``re:REGEX`` (parameter names that match)."""
-    if spec.startswith("re:"):
-        try:
-            pat = re.compile(spec[3:])
-        except re.error as exc:
-            raise ConfigError(f"bad layer regex {spec[3:]!r}: {exc}") from exc
-        return lambda m, n: default_filter(m, n) and bool(pat.search(n))
-    fns = []
-    for part in spec.split("+"):
-        if part == "no-stem" or part == "last" or part.startswith("last:"):
-            names = [n for n, _, _ in select_parameters(model)]
-            if part == "no-stem":
-                first = names[0] if names else None
-                fns.append(lambda m, n, first=first: default_filter(m, n) and n != first)
-            else:
-                count = part.partition(":")[2] or "1"
-                if not count.isdigit() or int(count) < 1:
-                    raise ConfigError(f"bad layer filter {part!r}: use last or last:N with N >= 1")
-                keep = set(names[-int(count):])
-                fns.append(lambda m, n, keep=keep: default_filter(m, n) and n in keep)
-        elif part in LAYER_FILTERS:
-            fns.append(LAYER_FILTERS[part])
+    def weight_rows(self) -> torch.Tensor:
+        """The frozen weights as (rows, _ROW), copied again only after one of them changed."""
+        versions = tuple(w._version for w in self.weights)
+        if versions != self.weight_versions:  # a new buffer: a graph may still hold the old one
+            with torch.inference_mode(False):  # kept across calls: never an inference tensor
+                flat = torch.zeros(self.size, dtype=self.weights[0].dtype, device=self.weights[0].device)
+                torch._foreach_copy_(self.views(flat), [w.detach() for w in self.weights])
+            self.weight_flat, self.weight_versions = flat, versions
+        return self.weight_flat.view(-1, _ROW)
+
+    def mask_rows(self, scores: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The masks as 0/1 floats, (rows, _ROW)."""
+        device = self.scores_flat.device
+        if self.mode == "threshold":
+            torch._foreach_copy_(self.score_views, list(scores))
+            flat = torch.gt(self.scores_flat, self.threshold, out=torch.empty(self.size, dtype=dtype,
+                                                                               device=device))
         else:
-            known = sorted(LAYER_FILTERS) + ["last", "last:N", "no-stem", "re:REGEX"]
-            raise ConfigError(f"unknown layer filter {part!r}: use one of {known} (join with '+')")
-    return lambda m, n: all(f(m, n) for f in fns)
+            flat = torch.zeros(self.size, dtype=dtype, device=device)
+            torch._foreach_copy_(self.views(flat), [sm.mask() for sm in self.masks])
+        return flat.view(-1, _ROW)
+
+    def per_tensor(self, row_values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Per-tensor sums of per-row values: differences of a float64 cumulative sum (exact for counts)."""
+        cums = torch.cumsum(row_values, 0, dtype=torch.float64)
+        cums = torch.cat([cums.new_zeros(1), cums])[self.bounds].view(2, -1)
+        return (cums[1] - cums[0]).to(dtype)
+
+
+class _FusedMaskedWeights(torch.autograd.Function):
+    """Every W * (M * 1/alpha) of a :class:`_Bank` in one node, with :class:`_MaskedWeight`'s gradient."""
+
+    @staticmethod
+    def forward(ctx, bank: _Bank, *tensors):
+        w = bank.weight_rows()
+        mf = bank.mask_rows(tensors[:len(bank.masks)], w.dtype)
+        ctx.bank = bank
+        ctx.set_materialize_grads(False)
+        if not bank.scale:
+            ctx.save_for_backward(w, mf)
+            return tuple(bank.views((w * mf).view(-1)))
+        count = bank.per_tensor(mf.sum(1), w.dtype)
+        inv = _inverse_alpha_from_count(count, bank.inv_numel)
+        inv_rows = inv[bank.row_owner].unsqueeze(1)
+        scale_mask = mf * inv_rows  # _scaled's inner product, row by row
+        ctx.save_for_backward(w, scale_mask, count, inv, inv_rows)
+        return tuple(bank.views((w * scale_mask).view(-1)))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        bank, n = ctx.bank, len(ctx.bank.masks)
+        w, scale_mask = ctx.saved_tensors[:2]
+        g = torch.zeros_like(w)  # padding and unused outputs stay zero
+        used = [i for i, gi in enumerate(grads) if gi is not None]
+        if used:  # strides of one-element dimensions aligned, so that the copy takes one kernel
+            views = bank.views(g.view(-1))
+            src = [grads[i].as_strided(grads[i].shape, views[i].stride())
+                   if _same_layout(grads[i], views[i]) else grads[i] for i in used]
+            torch._foreach_copy_([views[i] for i in used], src)
+        out: list[torch.Tensor | None] = [None] * (2 * n)
+        if any(ctx.needs_input_grad[n + 1:]):
+            out[n:] = bank.views((g * scale_mask).view(-1))
+        gw = g * w  # dL/d(M * 1/alpha)
+        if bank.scale:
+            count, inv, inv_rows = ctx.saved_tensors[2:]
+            if bank.detach_alpha:
+                gw.mul_(inv_rows)
+            else:
+                through = bank.per_tensor((gw * scale_mask).sum(1), w.dtype)
+                through = through * _alpha_coef(count, inv, bank.inv_numel)  # (tensors,)
+                torch.addcmul(through[bank.row_owner].unsqueeze(1), gw, inv_rows, out=gw)
+        out[:n] = bank.views(gw.view(-1))
+        need = ctx.needs_input_grad[1:]
+        return (None, *[o if need[i] else None for i, o in enumerate(out)])
+
+
+class _FusedMasks:
+    """The forward pre-hook and post-hook that :func:`compile_masks_` puts on a module."""
+
+    def __init__(self, module: nn.Module):
+        self.entries = [(sm, owner.parametrizations[pname])
+                        for sm, owner, pname in _score_mask_owners(module)]
+        self.banks: list[_Bank] = []
+        self.layout: tuple | None = None
+        self.hook_ids: tuple[int, int] = (-1, -1)
+
+    def refresh(self) -> int:
+        """(Re)build the banks when a tensor moved or a mask's settings changed; number fused."""
+        pairs = [(sm, plist.original) for sm, plist in self.entries]
+        layout = tuple((w.data_ptr(), sm.scores.data_ptr(), sm.mode, sm.threshold, sm.k, sm.scale,
+                        sm.detach_alpha) for sm, w in pairs)
+        if layout != self.layout:
+            groups: dict[tuple, list] = {}
+            for (sm, plist), (_, w) in zip(self.entries, pairs, strict=True):
+                s = sm.scores
+                if (len(plist) == 1 and w.dtype == s.dtype == torch.float32 and w.device == s.device
+                        and 0 < w.numel() < _MAX_FUSED and _dense(w)):
+                    key = (w.device, sm.mode, sm.threshold, sm.k, sm.scale, sm.detach_alpha)
+                    groups.setdefault(key, []).append((sm, w))
+            with torch.inference_mode(False):
+                self.banks = [_Bank([sm for sm, _ in g], [w for _, w in g]) for g in groups.values()]
+            self.layout = layout
+        return sum(len(b.masks) for b in self.banks)
+
+    def pre(self, module: nn.Module, args) -> None:  # noqa: ARG002
+        self.refresh()
+        grad = torch.is_grad_enabled()
+        for bank in self.banks:
+            outs = _FusedMaskedWeights.apply(bank, *[sm.scores for sm in bank.masks], *bank.weights)
+            for sm, w, out in zip(bank.masks, bank.weights, outs, strict=True):
+                sm._fused = (out, w, w._version, sm.scores._version, grad)
+
+    def post(self, module: nn.Module, args, output) -> None:  # noqa: ARG002
+        for sm, _ in self.entries:
+            sm._fused = None
+
+
+def _score_mask_owners(model: nn.Module) -> list[tuple[ScoreMask, nn.Module, str]]:
+    out = []
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for pname, plist in module.parametrizations.items():
+                out.extend((p, module, pname) for p in plist if isinstance(p, ScoreMask))
+    return out
+
+
+def compile_masks_(model: nn.Module) -> int:
+    """Compute all of ``model``'s masked weights in one fused pass per forward call (in place).
+
+    A forward pre-hook on ``model`` lays the fp32 scores and frozen weights of each mask
+    configuration out in one flat buffer and computes every ``W * (M * 1/alpha)`` with a fixed
+    number of kernels (about 10 forward and 15 backward, whatever the number of masked
+    tensors), no host synchronisation and the same bits as :func:`masked_weight`. The gradients
+    equal the per-layer path's within float rounding, but every score gradient arrives at the
+    end of the backward pass (DDP cannot overlap their all-reduce with the backward).
+    Parameters may move (``.to(device)``, channels_last) afterwards: the layout is rebuilt.
+    Accessing a masked weight outside ``model``'s forward uses the per-layer path.
+
+    Args:
+        model: the module whose forward runs the masked layers (e.g. ``TaskModel.backbone``).
+
+    Returns:
+        The number of masked tensors in the fused pass; the others (not fp32, not dense,
+        2**24 weights or more, or with other parametrizations) keep the per-layer path.
+
+    Raises:
+        ConfigError: ``model`` has no masks.
+    """
+    uncompile_masks_(model)
+    fused = _FusedMasks(model)
+    if not fused.entries:
+        raise ConfigError("model has no score masks: call apply_masks_() before compile_masks_()")
+    pre = model.register_forward_pre_hook(fused.pre)
+    post = model.register_forward_hook(fused.post, always_call=True)
+    fused.hook_ids = (pre.id, post.id)
+    model.__dict__["_maskpack_fused"] = fused
+    return fused.refresh()
+
+
+def uncompile_masks_(model: nn.Module) -> None:
+    """Remove what :func:`compile_masks_` installed on ``model`` or its submodules (in place)."""
+    for module in model.modules():
+        fused = module.__dict__.pop("_maskpack_fused", None)
+        if fused is None:
+            continue
+        pre, post = fused.hook_ids
+        module._forward_pre_hooks.pop(pre, None)
+        module._forward_hooks.pop(post, None)
+        module._forward_hooks_always_called.pop(post, None)
+        fused.post(module, (), None)
+
+
+# layer filters live in maskpack.layers (they choose what to mask); re-exported for callers
+from .layers import LAYER_FILTERS, layer_filter  # noqa: E402,F401

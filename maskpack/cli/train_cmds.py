@@ -13,7 +13,8 @@ from . import backbone_from, backbone_weights_option, handle_errors, main, parse
 
 # CLI option name -> TrainConfig field, for options whose names differ.
 _FIELD = {"workers": "num_workers", "knn": "eval_knn", "init_from": None, "set_values": None,
-          "json_out": None, "launcher": None, "max_steps": "max_steps_per_epoch", "topk": "topk_k"}
+          "json_out": None, "launcher": None, "max_steps": "max_steps_per_epoch", "topk": "topk_k",
+          "compile_": "compile"}
 
 
 def _slug(text: str) -> str:
@@ -77,6 +78,9 @@ def _slug(text: str) -> str:
 @click.option("--workers", type=int, default=None,
               help="Data-loading processes (default 0 on CPU, 8 on CUDA).")
 @click.option("--threads", type=int, default=None, help="CPU threads for torch.")
+@click.option("--compile", "compile_", is_flag=True,
+              help="Masks: compute every masked weight in one fused pass per step (fewer kernel launches, "
+                   "no host synchronisation; for GPUs, see docs/benchmarks.md).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--init-from", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Start the scores from another run's checkpoint.pt (e.g. a dispatcher).")

@@ -108,6 +108,8 @@ def build_model(c: TrainConfig, backbone, num_classes: int, dist: distributed.Di
     objective.to(device)
     if device.type == "cuda" and c.channels_last:
         model.to(memory_format=torch.channels_last)
+    if masked and c.compile:  # after the moves: the fused layout is built on the final device
+        masking.compile_masks_(model.backbone)
     return ModelParts(model, objective, masked, adapt)
 
 

@@ -157,6 +157,7 @@ class TrainConfig:
     threads: int | None = None  # CPU threads for torch (None: torch's default)
     amp: bool = True  # bf16 autocast on CUDA
     channels_last: bool = True  # on CUDA
+    compile: bool = False  # masks: every masked weight in one fused pass per step (masking.compile_masks_)
     max_steps_per_epoch: int | None = None  # cap (benchmarks); changes the schedule
     stop_after: int | None = None  # stop after this many epochs (budgeted runs; resume later)
     out: str | None = None
