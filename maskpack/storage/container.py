@@ -214,9 +214,12 @@ def parse(path: str | os.PathLike) -> Container:
         if version != VERSION:
             raise _fail(where, f"unsupported .mask format version {version}; this maskpack reads "
                         f"version {VERSION}: upgrade maskpack")
-        if hlen > MAX_HEADER or PREAMBLE.size + hlen > size:
+        if PREAMBLE.size + hlen > size:
             raise _fail(where, f"header length {hlen} runs past the end of the {size}-byte file "
                         "(truncated or corrupted)")
+        if hlen > MAX_HEADER:
+            raise _fail(where, f"header length {hlen} is over the limit {MAX_HEADER} (corrupted or "
+                        "hostile file)")
         raw = f.read(hlen)
     if zlib.crc32(raw) != hcrc:
         raise _fail(where, "header checksum mismatch: the file is corrupted")
@@ -233,8 +236,12 @@ def _inflate_json(raw: bytes, where: str) -> dict:
         text = d.decompress(raw, MAX_HEADER_JSON + 1)
     except zlib.error as exc:
         raise _fail(where, f"header does not decompress ({exc})") from exc
-    if len(text) > MAX_HEADER_JSON or not d.eof or d.unused_data:
-        raise _fail(where, "header is oversized, truncated or followed by garbage")
+    if len(text) > MAX_HEADER_JSON:
+        raise _fail(where, f"header is oversized: it inflates past the {MAX_HEADER_JSON}-byte limit")
+    if not d.eof:
+        raise _fail(where, "header is truncated: its DEFLATE stream does not end")
+    if d.unused_data:
+        raise _fail(where, "header is followed by garbage after its DEFLATE stream")
     try:
         header = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
