@@ -1,5 +1,6 @@
 """CLI: pack / unpack / inspect / verify, and exactly one clear Error: line on bad input."""
 
+import copy
 import json
 
 import pytest
@@ -15,19 +16,26 @@ from maskpack.rehydrate import rehydrate
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, lite0):
+def _run_dir(tmp_path_factory, lite0_readonly):
     d = tmp_path_factory.mktemp("run")
     g = torch.Generator().manual_seed(0)
     scores = {n: torch.randn(getattr(m, p).shape, generator=g) + 1.5
-              for n, m, p in select_parameters(lite0.model)}
+              for n, m, p in select_parameters(lite0_readonly.model)}
     extras = {"head.weight": torch.randn(10, 1280), "head.bias": torch.zeros(10),
               "backbone._bn0.num_batches_tracked": torch.tensor(3)}
     ckpt = build_checkpoint(
-        backbone="efficientnet_lite0", backbone_hash=lite0.hash(), scores=scores, mask_mode="threshold",
-        threshold=0.0, k=0.9, scale=True, extras=extras, metadata={"dataset": "digits"}, objective={},
+        backbone="efficientnet_lite0", backbone_hash=lite0_readonly.hash(), scores=scores,
+        mask_mode="threshold", threshold=0.0, k=0.9, scale=True, extras=extras, metadata={"dataset": "digits"}, objective={},
         momentum={}, epoch=1, step=1, rng_torch=torch.get_rng_state(), config="{}", history="[]")
     torch.save(ckpt, d / "checkpoint.pt")
     return d, ckpt
+
+
+@pytest.fixture
+def run_dir(_run_dir):
+    """The shared run directory and a private copy of its checkpoint dict (tests may change it)."""
+    d, ckpt = _run_dir
+    return d, copy.deepcopy(ckpt)
 
 
 def _run(*args):

@@ -8,9 +8,9 @@ rounding of 0. BatchNorm in train mode would normalise each rank's half-batch on
 SyncBatchNorm (``--sync-bn``) fixes that, but PyTorch's SyncBatchNorm trains on GPUs only.
 """
 
+import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -48,7 +48,7 @@ def _agreement(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def _reference(tmp_path_factory):
     """One process, global batch 32: the checkpoints after epoch 1 and epoch 2 (resumed in
     process, which is bit-identical to an uninterrupted run: tests/test_train.py)."""
     out = tmp_path_factory.mktemp("one") / "run"
@@ -56,6 +56,12 @@ def reference(tmp_path_factory):
     first = load_checkpoint(out / "checkpoint.pt")
     run(TrainConfig(**BASE, out=str(out), resume=True))
     return first, load_checkpoint(out / "checkpoint.pt")
+
+
+@pytest.fixture
+def reference(_reference):
+    """Private copies of the shared reference checkpoints (tests may change them)."""
+    return copy.deepcopy(_reference)
 
 
 def _check_same(ref: dict, ck: dict, min_off: int) -> str:
@@ -117,15 +123,18 @@ def test_launcher_torchrun_needs_torchrun():
 # ----------------------------------------------------------------------------- collectives
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _held_store():
+    """A rendezvous store this process serves on a port the OS picks, held until the workers are
+    done: the workers join it as clients (``TORCHELASTIC_USE_AGENT_STORE``, as under torchrun),
+    so no port is probed, freed and then bound again by someone else."""
+    from torch.distributed import TCPStore
+
+    return TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
 
 def _collectives_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
     torch.set_num_threads(1)
     from maskpack import distributed
     from maskpack.objectives import sinkhorn
@@ -148,13 +157,15 @@ def _collectives_worker(rank: int, world: int, port: int, out: str) -> None:
     distributed.cleanup()
 
 
-def test_sinkhorn_over_ranks_equals_one_batch_and_gather_keeps_order(tmp_path):
+def test_sinkhorn_over_ranks_matches_one_batch_and_gather_keeps_order(tmp_path):
     from safetensors.torch import load_file
 
     from maskpack.objectives import sinkhorn
 
     out = str(tmp_path / "res.safetensors")
-    mp.spawn(_collectives_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    store = _held_store()
+    mp.spawn(_collectives_worker, args=(2, store.port, out), nprocs=2, join=True)
+    del store
     res = load_file(out)
     torch.testing.assert_close(res["q"], sinkhorn(res["scores"]), rtol=1e-5, atol=1e-7)
     assert res["feats"][:, 0].tolist() == [2.0 * i for i in range(11)]

@@ -133,3 +133,162 @@ def test_real_lite0_roundtrip(tmp_path, lite0):
     ref = rehydrate(lite0, masks, extras)
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(model(x), ref(x))
+
+
+def _rename(path, new_names: dict[str, str]) -> None:
+    """Rename tensors in a file's header (checksums and offsets stay valid)."""
+    import json
+    import struct
+    import zlib
+
+    data = path.read_bytes()
+    hlen = struct.unpack("<I", data[10:14])[0]
+    header = json.loads(zlib.decompress(data[18:18 + hlen], -15))
+    for t in header["tensors"]:
+        t["name"] = new_names.get(t["name"], t["name"])
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    hdr = c.compress(json.dumps(header).encode()) + c.flush()
+    path.write_bytes(struct.pack("<8sHII", data[:8], 1, len(hdr), zlib.crc32(hdr)) + hdr + data[18 + hlen:])
+
+
+def test_prefixed_names_decode_against_the_backbone_tensor(tmp_path, tiny_net):
+    # a cascade stores expert masks as "expert<k>/<name>": the backbone tensor is the last part
+    masks = _masks(tiny_net)
+    for codec in ("ans", "raw"):
+        path = tmp_path / f"{codec}.mask"
+        maskpack.save(path, masks, tiny_net, codec=codec)
+        _rename(path, {"conv1.weight": "expert1/conv1.weight", "fc.weight": "a/b/fc.weight"})
+        got = maskpack.read(path).masks(tiny_net)
+        assert list(got) == ["expert1/conv1.weight", "dw.weight", "a/b/fc.weight"]
+        assert torch.equal(got["expert1/conv1.weight"], masks["conv1.weight"])
+        assert torch.equal(got["a/b/fc.weight"], masks["fc.weight"])
+
+
+def test_ans_contexts_are_cached_per_backbone(tmp_path, tiny_net):
+    from maskpack import io
+
+    other = type(tiny_net)()  # same names, other weights
+    ma, mb = _masks(tiny_net, 0), _masks(other, 1)
+    maskpack.save(tmp_path / "a.mask", ma, tiny_net)
+    maskpack.save(tmp_path / "b.mask", mb, other)
+    maskpack.save(tmp_path / "z.mask", ma, tiny_net, codec="zstd")
+    io._CONTEXTS.clear()
+    maskpack.read(tmp_path / "z.mask").masks(tiny_net)
+    assert io._CONTEXTS == {}  # only ans needs contexts
+    maskpack.read(tmp_path / "a.mask").masks(tiny_net)
+    first = dict(io._CONTEXTS)
+    ha, hb = maskpack.backbone_hash(tiny_net), maskpack.backbone_hash(other)
+    assert set(first) == {(ha, n) for n in ma}
+    got = maskpack.read(tmp_path / "a.mask").masks(tiny_net)
+    assert all(io._CONTEXTS[k] is first[k] for k in first)  # computed once, reused
+    assert all(torch.equal(got[n], ma[n]) for n in ma)
+    got = maskpack.read(tmp_path / "b.mask").masks(other)
+    assert set(io._CONTEXTS) == {(hb, n) for n in mb}  # one backbone at a time
+    assert all(torch.equal(got[n], mb[n]) for n in mb)
+    # without the hash check nothing is cached under a guessed key: each backbone gets its own
+    io._CONTEXTS.clear()
+    for path, net, m in (("a", tiny_net, ma), ("b", other, mb), ("a", tiny_net, ma)):
+        got = maskpack.read(tmp_path / f"{path}.mask").masks(net, check_hash=False)
+        assert all(torch.equal(got[n], m[n]) for n in m)
+    assert io._CONTEXTS == {}
+
+
+def test_verify_checks_what_it_can_without_the_backbone(tmp_path, tiny_net):
+    masks, extras = _masks(tiny_net), _extras(tiny_net)
+    maskpack.save(tmp_path / "a.mask", masks, tiny_net, extras=extras)
+    maskpack.read(tmp_path / "a.mask").verify(tiny_net)
+    # a tensor payload replaced by other bytes of the same length (checksum updated): only
+    # decoding can tell, which needs the backbone for ans
+    data = bytearray((tmp_path / "a.mask").read_bytes())
+    mf = maskpack.read(tmp_path / "a.mask")
+    t = mf.tensors[0]
+    start = mf._info.data_offset + t.offset
+    data[start + 1:start + t.length] = bytes(t.length - 1)
+    (tmp_path / "b.mask").write_bytes(bytes(data))
+    _rename_crc(tmp_path / "b.mask", 0)
+    bad = maskpack.read(tmp_path / "b.mask")
+    bad.verify()  # checksums and extras are fine
+    with pytest.raises((CodecError, FormatError), match="ans payload|active entries"):
+        bad.verify(tiny_net)
+    # raw needs no backbone: verify() decodes
+    maskpack.save(tmp_path / "r.mask", masks, tiny_net, codec="raw", extras=extras)
+    _rename(tmp_path / "r.mask", {"fc.weight": "nope.weight"})
+    maskpack.read(tmp_path / "r.mask").verify()
+    with pytest.raises(FormatError, match="mask 'nope.weight'"):
+        maskpack.read(tmp_path / "r.mask").verify(tiny_net)
+    with pytest.raises(FormatError, match="checksum mismatch in extras"):
+        _corrupt_extras(tmp_path / "r.mask").verify()
+
+
+def _rename_crc(path, index: int) -> None:
+    """Recompute the crc32 of tensor ``index`` in the header after its payload was changed."""
+    import json
+    import struct
+    import zlib
+
+    data = path.read_bytes()
+    hlen = struct.unpack("<I", data[10:14])[0]
+    header = json.loads(zlib.decompress(data[18:18 + hlen], -15))
+    t = header["tensors"][index]
+    body = data[18 + hlen:]
+    t["crc32"] = zlib.crc32(body[t["offset"]:t["offset"] + t["length"]])
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    hdr = c.compress(json.dumps(header).encode()) + c.flush()
+    path.write_bytes(struct.pack("<8sHII", data[:8], 1, len(hdr), zlib.crc32(hdr)) + hdr + body)
+
+
+def _corrupt_extras(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # the extras blob is last
+    path.write_bytes(bytes(data))
+    return maskpack.read(path)
+
+
+def test_mask_file_summary(tmp_path, tiny_net):
+    masks = _masks(tiny_net)
+    masks["fc.weight"][:] = False
+    maskpack.save(tmp_path / "t.mask", masks, tiny_net)
+    mf = maskpack.read(tmp_path / "t.mask")
+    assert mf.version == 1 and mf.file_size == os.path.getsize(tmp_path / "t.mask")
+    assert mf.header["codec"] == "ans" and [t["name"] for t in mf.header["tensors"]] == list(masks)
+    assert mf.numel == sum(m.numel() for m in masks.values())
+    layer = mf.per_layer_active()
+    assert layer["fc.weight"] == 0.0
+    assert layer["conv1.weight"] == pytest.approx(float(masks["conv1.weight"].float().mean()))
+    assert repr(mf).startswith(f"MaskFile({str(tmp_path / 't.mask')!r}, backbone='TinyNet', codec='ans'")
+    maskpack.save(tmp_path / "e.mask", {}, tiny_net)
+    empty = maskpack.read(tmp_path / "e.mask")
+    assert empty.active_fraction == 1.0 and empty.per_layer_active() == {}
+
+
+def test_save_refuses_extras_and_metadata_of_the_wrong_type(tmp_path, tiny_net):
+    masks = _masks(tiny_net)
+    with pytest.raises(ConfigError, match="extras must map names to tensors; got 'head.weight': list"):
+        maskpack.save(tmp_path / "x.mask", masks, tiny_net, extras={"head.weight": [1.0, 2.0]})
+    with pytest.raises(ConfigError, match="extras must map names to tensors; got 3: Tensor"):
+        maskpack.save(tmp_path / "x.mask", masks, tiny_net, extras={3: torch.zeros(2)})
+    with pytest.raises(ConfigError, match=r"metadata must map strings to strings; got 'acc': float "
+                                          r"\(convert values with str\(\)\)"):
+        maskpack.save(tmp_path / "x.mask", masks, tiny_net, metadata={"acc": 0.9})
+    assert not os.listdir(tmp_path)
+
+
+def test_bfloat16_backbone_round_trips_with_ans(tmp_path, tiny_net):
+    net = tiny_net.to(torch.bfloat16)
+    masks = _masks(net)
+    maskpack.save(tmp_path / "b.mask", masks, net)  # contexts are |W| in float32 whatever the dtype
+    got = maskpack.read(tmp_path / "b.mask").masks(net)
+    assert all(torch.equal(got[n], masks[n]) for n in masks)
+
+
+def test_task_host_errors_and_scale(tmp_path, tiny_net):
+    masks = _masks(tiny_net)
+    maskpack.save(tmp_path / "u.mask", masks, tiny_net, metadata={"mask.scale": "false"})
+    host = TaskHost(tiny_net)
+    assert not host.model.training and not any(p.requires_grad for p in host.model.parameters())
+    model = maskpack.io.load_task_into(host, tmp_path / "u.mask")
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(model(x), rehydrate(tiny_net, masks, scale=False)(x))
+    other = TaskHost(type(tiny_net)())
+    with pytest.raises(BackboneMismatchError, match="the given backbone '<TaskHost backbone>' has sha256"):
+        maskpack.io.load_task_into(other, tmp_path / "u.mask")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from maskpack import masking
+from maskpack import backbone_hash, masking
 from maskpack.errors import FormatError
 from maskpack.model import TaskModel
 from maskpack.rehydrate import TaskHost, rehydrate
@@ -32,6 +32,7 @@ def _train_a_little(backbone: nn.Module, feat: int, classes: int, seed: int, ste
 
 
 def test_rehydrated_lite0_is_bit_identical(lite0):
+    before = backbone_hash(lite0.model)  # recomputed, not Backbone.hash()'s cached value
     model, masks, extras = _train_a_little(lite0.model, 1280, 5, seed=0)
     assert masking.active_fraction(masks) < 1.0  # the steps really flipped weights
     x = torch.randn(3, 3, 32, 32)
@@ -39,13 +40,14 @@ def test_rehydrated_lite0_is_bit_identical(lite0):
         expected = model(x)
         got = rehydrate(lite0, masks, extras)(x)
     assert torch.equal(expected, got)
-    # The backbone itself is untouched.
-    assert lite0.hash() == lite0.hash() and not masking.is_masked(lite0.model)
+    # The backbone itself is untouched: rehydrate baked a copy.
+    assert backbone_hash(lite0.model) == before and not masking.is_masked(lite0.model)
 
 
 def test_task_switching_in_place_is_bit_identical(tiny_net):
     a_model, a_masks, a_extras = _train_a_little(tiny_net, 16, 3, seed=1, size=8)
     b_model, b_masks, b_extras = _train_a_little(tiny_net, 16, 4, seed=2, size=8)
+    before = backbone_hash(tiny_net)
     host = TaskHost(tiny_net)
     x = torch.randn(5, 3, 8, 8)
     with torch.no_grad():
@@ -55,7 +57,9 @@ def test_task_switching_in_place_is_bit_identical(tiny_net):
             assert torch.equal(out, model(x))
         # Back to the plain backbone: a task with no masks and no extras restores every tensor.
         host.switch_({}, {})
+        assert backbone_hash(tiny_net) == before  # the host switched its own copy
         assert torch.equal(host.model(x), tiny_net.eval()(x))
+        assert backbone_hash(host.model.backbone) == before
 
 
 def test_all_zero_mask_rehydrates_without_nan(tiny_net):
@@ -66,7 +70,8 @@ def test_all_zero_mask_rehydrates_without_nan(tiny_net):
 
 
 def test_bad_masks_and_extras_name_the_tensor(tiny_net):
-    with pytest.raises(FormatError, match="'nope.weight' does not exist"):
+    with pytest.raises(FormatError, match=r"masked tensor 'nope.weight' does not exist in this backbone; was "
+                                          r"the mask made for another architecture\?"):
         rehydrate(tiny_net, {"nope.weight": torch.ones(2, dtype=torch.bool)})
     with pytest.raises(FormatError, match="'conv1.weight' has shape"):
         rehydrate(tiny_net, {"conv1.weight": torch.ones(2, 2, dtype=torch.bool)})

@@ -114,8 +114,16 @@ def test_decompression_bomb_is_capped(codec):
     # A payload that inflates to 1 MB claims to be a 100-bit mask: refused, and never 1 MB allocated.
     big = np.ones(8_000_000, bool)
     c = get_codec(codec)
-    with pytest.raises(CodecError):
+    with pytest.raises(CodecError, match="more than the expected 13 bytes|declares|does not decode"):
         c.decode(c.encode(big), 100)
+
+
+CUT = {"raw": "packed mask has", "gzip": "truncated", "bz2": "truncated", "lzma": "truncated",
+       "lz4": "does not decode", "snappy": "declares|does not decode", "zstd": "does not decode|truncated",
+       "ans": "empty|truncated inside its bucket counts|not a whole number of 32-bit words"}
+TRAILING = {"raw": "packed mask has 505 bytes", "gzip": "trailing bytes", "bz2": "trailing bytes",
+            "lzma": "trailing bytes", "lz4": "does not decode", "snappy": "does not decode",
+            "zstd": "trailing bytes", "ans": "not a whole number of 32-bit words"}
 
 
 @pytest.mark.parametrize("codec", CODECS)
@@ -124,12 +132,11 @@ def test_garbage_payloads(codec):
     absw = rng.random(4000).astype(np.float32)
     c = get_codec(codec)
     good = c.encode(absw > 0.1, absw)
+    # a payload cut short or followed by junk is refused, never decoded to some other mask
     for cut in (0, 1, len(good) // 2, len(good) - 1):
-        try:
+        with pytest.raises(CodecError, match=CUT[codec]):
             c.decode(good[:cut], 4000, absw)
-        except CodecError:
-            pass
-    with pytest.raises(CodecError):
+    with pytest.raises(CodecError, match=TRAILING[codec]):
         c.decode(good + b"\x00\x00\x00\x00\x01", 4000, absw)
 
 
@@ -144,15 +151,35 @@ def test_ans_bomb_counts_refused():
         get_codec("ans").decode(bytes([0, 11]), 10, absw[:10])
 
 
+def _declared_ones(payload: bytes) -> int:
+    """Sum of the bucket counts at the start of an ans payload (docs/format.md: u8 log2(B), then
+    B LEB128 varints)."""
+    pos, total = 1, 0
+    for _ in range(1 << payload[0]):
+        value, shift = 0, 0
+        while True:
+            byte = payload[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        total += value
+    return total
+
+
 @settings(max_examples=150, deadline=None)
 @given(data=st.binary(max_size=64), n=st.integers(0, 300))
-def test_ans_fuzz_only_codec_errors(data, n):
+def test_ans_fuzz_only_codec_errors_and_declared_counts(data, n):
+    # Random bytes are refused with CodecError, or decode to a mask with exactly the number of
+    # ones their bucket counts declare (the decoder never invents or drops an entry).
     absw = np.linspace(0, 1, n, dtype=np.float32)
     try:
         out = get_codec("ans").decode(data, n, absw)
-        assert out.shape == (n,)
     except CodecError:
-        pass
+        return
+    assert out.shape == (n,) and out.dtype == bool
+    assert int(out.sum()) == _declared_ones(data)
 
 
 def test_gzip_is_deterministic_and_standard():
@@ -161,3 +188,165 @@ def test_gzip_is_deterministic_and_standard():
     payload = c.encode(mask)
     assert zlib.decompress(payload, wbits=31) == bits.pack(mask)
     assert bz2.decompress(get_codec("bz2").encode(mask)) == bits.pack(mask)
+
+
+# ------------------------------------------------------------------- ans: the format, pinned
+
+
+def _golden_case(n: int, seed: int, base: float, slope: float, power: float):
+    rng = np.random.default_rng(seed)
+    absw = np.abs(rng.standard_normal(n)).astype(np.float32)
+    p = np.clip(base + slope * (absw / absw.max()) ** (1 / power), 0, 1)
+    return rng.random(n) < p, absw
+
+
+# (case, log2 of the bucket count the encoder picks, sha256 of the payload): the bucket choice,
+# thresholds, gap models and word layout of docs/format.md "ans". If these change, the format
+# changed.
+ANS_GOLDEN = [
+    ((63, 1, 0.3, 0.4, 1), 0, "96ed5a4a884acf87bceb40060a8e446709e2a50466135bc3513fda9812a73588"),
+    ((64, 2, 0.05, 0.9, 1), 1, "a473dbcc2b5191ddb3c31b28728eab21a8cf4e4dbe8fb78a27ef16fe3d4f2cb7"),
+    ((4000, 7, 0.45, 0.0, 1), 0, "372f1c349885004fdc35a25f6a871d4888fc205dad01bf6deaf5f432c1328af1"),
+    ((5000, 3, 0.02, 0.3, 1), 2, "92b2dd4da2e8dffa832d83c7b1209a6099ca98cca4d527abc490e998ad133662"),
+    ((20000, 6, 0.4, 0.2, 1), 1, "6f0e451acb406afa068401e2c886c2f5bd1136f08ceec73ebb375b361323a00f"),
+    ((20000, 5, 0.0, 0.6, 1), 3, "4459b7e7f965586e601c98728b21569a512455e27e7a9aa39f4bec358f477ef9"),
+    ((100000, 11, 0.0, 1.0, 3), 4, "2878974ed21fe8f4a04f309eef9d59bb3dbe8596d2bdf75529347fdaca7e875d"),
+    ((100000, 8, 0.001, 0.01, 1), 2, "78c24b1743cd481fb0d61101396797e199ab18138b03724bde4d338d50581a69"),
+]
+
+
+@pytest.mark.parametrize("case,lb,digest", ANS_GOLDEN, ids=[f"{c[0][0]}-lb{c[1]}" for c in ANS_GOLDEN])
+def test_ans_payload_bytes_are_pinned(case, lb, digest):
+    import hashlib
+
+    mask, absw = _golden_case(*case)
+    c = get_codec("ans")
+    payload = c.encode(mask, absw)
+    assert payload[0] == lb
+    assert hashlib.sha256(payload).hexdigest() == digest
+    np.testing.assert_array_equal(c.decode(payload, mask.size, absw), mask)
+
+
+def test_ans_buckets_need_64_elements():
+    rng = np.random.default_rng(0)
+    absw = np.arange(64, dtype=np.float32)
+    mask = absw < 32  # perfectly predicted by |W|: more buckets pay off from 64 elements on
+    assert get_codec("ans").encode(mask, absw)[0] > 0
+    assert get_codec("ans").encode(mask[:63], absw[:63])[0] == 0
+    mask = rng.random(1000) < 0.3
+    payload = get_codec("ans").encode(mask, None)  # no backbone: one bucket, decodable without it
+    assert payload[0] == 0
+    np.testing.assert_array_equal(get_codec("ans").decode(payload, 1000, None), mask)
+
+
+def test_ans_bucket_with_exactly_half_ones():
+    mask = np.arange(10) % 2 == 0  # 5 of 10: the ones are the coded minority
+    c = get_codec("ans")
+    np.testing.assert_array_equal(c.decode(c.encode(mask, None), 10, None), mask)
+
+
+def test_ans_buckets_with_opposite_majorities():
+    # Large |w| all off, small |w| all on, and the reverse: each bucket's majority is restored,
+    # whichever comes first.
+    absw = np.arange(10000, dtype=np.float32)
+    c = get_codec("ans")
+    for mask in (absw >= 5000, absw < 5000, (absw >= 2500) & (absw < 7500)):
+        payload = c.encode(mask, absw)
+        assert payload[0] > 0
+        np.testing.assert_array_equal(c.decode(payload, mask.size, absw), mask)
+
+
+def test_ans_escaped_quotients():
+    # One bucket, K = 4096: a gap of 64 * 4096 codes as an escape, then 0; gaps that reach the
+    # bucket's end use the largest quotient allowed; two escapes in one round are decoded together.
+    c = get_codec("ans")
+    for n, off in ((300_000, [64 * 4096 + 5]), (300_000, [299_999]), (600_000, [270_000, 560_000]),
+                   (600_000, [128 * 4096, 599_999])):
+        mask = np.ones(n, bool)
+        mask[off] = False
+        np.testing.assert_array_equal(c.decode(c.encode(mask, None), n, None), mask)
+
+
+@pytest.mark.parametrize("payload,n", [("00058679b5e392a6ac12", 21), ("0004a3d631b8", 26)],
+                         ids=["last rank = bucket size", "past it"])
+def test_ans_positions_past_the_bucket_end(payload, n):
+    with pytest.raises(CodecError, match="ans payload decodes to positions past the end of its bucket"):
+        get_codec("ans").decode(bytes.fromhex(payload), n, None)
+
+
+def test_ans_contexts_follow_the_documented_quantiles():
+    absw = np.arange(10, dtype=np.float32)
+    # sorted sample a[::1], thresholds at floor(j * 10 / 4), j = 1..3
+    np.testing.assert_array_equal(entropy.thresholds(absw, 4), [2.0, 5.0, 7.0])
+    assert entropy.thresholds(absw, 1).size == 0 and entropy.thresholds(absw[:0], 4).size == 0
+    np.testing.assert_array_equal(entropy.contexts(absw, 4), [0, 0, 1, 1, 1, 2, 2, 3, 3, 3])
+    ctx = entropy.TensorContexts(absw)
+    order, sizes = ctx.order(0)
+    assert order is None and sizes.tolist() == [10]
+    order, sizes = ctx.order(2)
+    assert order.tolist() == list(range(10)) and sizes.tolist() == [2, 3, 2, 3]
+    # contexts are float32: |W| given in float64 buckets like its float32 rounding
+    wide = 1.0 + np.arange(5000) * 1e-12
+    mask = np.random.default_rng(0).random(5000) < 0.3
+    c = get_codec("ans")
+    np.testing.assert_array_equal(c.decode(c.encode(mask, wide), 5000, wide.astype(np.float32)), mask)
+
+
+def test_conditional_entropy_bits_exact_values():
+    h = lambda p: -(p * np.log2(p) + (1 - p) * np.log2(1 - p))  # noqa: E731
+    absw = np.arange(8, dtype=np.float32)
+    mask = np.array([1, 0, 0, 0, 1, 1, 1, 1], bool)
+    # 2 buckets (threshold 4): {1 of 4}, {4 of 4}; 1 bucket: 5 of 8
+    assert entropy.conditional_entropy_bits(mask, absw, 2) == pytest.approx(4 * h(0.25))
+    assert entropy.conditional_entropy_bits(mask, absw, 1) == pytest.approx(8 * h(5 / 8))
+    assert entropy.conditional_entropy_bits(mask.reshape(2, 4), absw, 1) == pytest.approx(8 * h(5 / 8))
+    # one-element buckets carry no information
+    assert entropy.conditional_entropy_bits(np.array([True, False]), absw[:2], 2) == 0.0
+    rng = np.random.default_rng(1)
+    big, w = rng.random(5000) < 0.2, rng.random(5000).astype(np.float32)
+    assert entropy.conditional_entropy_bits(big, w) == entropy.conditional_entropy_bits(big, w, 16)
+
+
+def test_codec_payloads_follow_the_format():
+    import lzma
+
+    import lz4.block
+    import zstandard
+
+    rng = np.random.default_rng(3)
+    mask = rng.random(20000) < 0.1
+    packed = bits.pack(mask)
+    assert get_codec("lz4").encode(mask) == lz4.block.compress(packed, store_size=False)
+    assert get_codec("lz4").encode(mask, level=9) == lz4.block.compress(
+        packed, mode="high_compression", compression=9, store_size=False)
+    zs = get_codec("zstd").encode(mask)
+    ref = zstandard.ZstdCompressor(level=19, write_content_size=True, write_checksum=False)
+    assert zs == ref.compress(packed)
+    assert zstandard.get_frame_parameters(zs).content_size == len(packed)
+    assert not zstandard.get_frame_parameters(zs).has_checksum
+    for level in (0, 9):
+        assert get_codec("lzma").encode(mask, level=level) == lzma.compress(
+            packed, format=lzma.FORMAT_RAW,
+            filters=[{"id": lzma.FILTER_LZMA2, "preset": level, "dict_size": max(4096, len(packed))}])
+    assert get_codec("lzma").encode(mask) == get_codec("lzma").encode(mask, level=9)
+    # snappy's length prefix of a 20000-byte mask takes 3 varint bytes
+    big = rng.random(160_000) < 0.5
+    np.testing.assert_array_equal(get_codec("snappy").decode(get_codec("snappy").encode(big), big.size), big)
+    assert available_codecs() == ["raw", "gzip", "bz2", "lzma", "lz4", "snappy", "zstd", "ans"]
+
+
+def test_gzip_codec_takes_gzip_only():
+    packed = bits.pack(np.ones(100, bool))
+    with pytest.raises(CodecError, match="gzip payload does not decode"):
+        get_codec("gzip").decode(zlib.compress(packed), 100)  # a zlib stream, not gzip
+
+
+def test_snappy_length_prefix_rules():
+    with pytest.raises(CodecError, match="snappy payload has a malformed length prefix"):
+        get_codec("snappy").decode(b"\x80\x80\x80\x80\x80\x01", 100)
+
+
+def test_ans_codec_messages():
+    with pytest.raises(CodecError, match="the ans codec needs the backbone's weights to decode: pass the "
+                                         "backbone"):
+        get_codec("ans").decode(bytes([1, 0, 0]), 100, None)

@@ -185,14 +185,20 @@ def test_header_bomb(tmp_path, good):
         _open(tmp_path, bomb)
 
 
-def test_bad_header_fields(tmp_path, good):
-    cases = [lambda h: h.pop("metadata"), lambda h: h.update(metadata={"a": 1}),
-             lambda h: h["backbone"].update(sha256="xyz"), lambda h: h["tensors"][0].update(active=-1),
-             lambda h: h["tensors"][0].update(name=""), lambda h: h["tensors"].append(h["tensors"][0]),
-             lambda h: h["tensors"][0].update(crc32=1.5), lambda h: h.update(tensors={})]
-    for mutate in cases:
-        with pytest.raises(FormatError):
-            _open(tmp_path, _rewrite(good, mutate))
+@pytest.mark.parametrize("mutate,match", [
+    (lambda h: h.pop("metadata"), r"header keys must be \['backbone', 'codec', 'extras', 'metadata', "),
+    (lambda h: h.update(metadata={"a": 1}), "header 'metadata' must map strings to strings"),
+    (lambda h: h["backbone"].update(sha256="xyz"), "header 'backbone' must be {name: str, sha256: 64 "),
+    (lambda h: h["tensors"][0].update(active=-1), r"tensor '0.weight' active count must be an integer in "
+                                                  r"0\.\.12, got -1"),
+    (lambda h: h["tensors"][0].update(name=""), "tensor entry 0 has no valid name"),
+    (lambda h: h["tensors"].append(h["tensors"][0]), "tensor '0.weight' appears twice"),
+    (lambda h: h["tensors"][0].update(crc32="7"), "tensor '0.weight' crc32 must be an integer"),
+    (lambda h: h.update(tensors={}), "header 'tensors' must be a list"),
+])
+def test_bad_header_fields(tmp_path, good, mutate, match):
+    with pytest.raises(FormatError, match=match):
+        _open(tmp_path, _rewrite(good, mutate))
 
 
 def test_not_json(tmp_path, good):
@@ -257,10 +263,14 @@ def test_extras_are_byte_shuffled_and_compressed(tmp_path):
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(st.tuples(st.sampled_from(["flip", "cut", "insert", "set"]), st.integers(0, 10**6),
                               st.integers(0, 255)), min_size=1, max_size=4))
-def test_fuzz_mutated_files_raise_only_our_errors(tmp_path, ops):
+def test_fuzz_changed_files_are_refused_with_our_errors(tmp_path, ops):
+    # Every byte of a file is covered by a check (magic, version, lengths, crc32 of the header and
+    # of every blob), so a file that differs from the original is refused with a MaskpackError,
+    # never another exception; one that is accepted is byte-identical and decodes to the same.
     net = fixed_net()
     for codec in ("ans", "gzip"):
-        data = bytearray(FUZZ_SEEDS[codec])
+        seed = FUZZ_SEEDS[codec]
+        data = bytearray(seed)
         for op, pos, val in ops:
             pos %= max(len(data), 1)
             if op == "flip" and data:
@@ -275,10 +285,14 @@ def test_fuzz_mutated_files_raise_only_our_errors(tmp_path, ops):
         p.write_bytes(bytes(data))
         try:
             mf = maskpack.read(p)
-            mf.masks(net)
-            mf.extras  # noqa: B018
+            masks = mf.masks(net)
+            extras = mf.extras
         except MaskpackError:
-            pass
+            assert bytes(data) != seed, "the unchanged file was refused"
+            continue
+        assert bytes(data) == seed, f"a changed file was accepted: {ops}"
+        assert all(torch.equal(masks[k], v) for k, v in fixed_masks().items())
+        assert torch.equal(extras["head.weight"], torch.ones(2, 3))
 
 
 def _seed(codec: str) -> bytes:
@@ -304,6 +318,40 @@ def test_container_parse_never_reads_payloads(tmp_path, good):
 
 
 def test_build_refuses_bad_entries():
-    with pytest.raises(FormatError):
+    with pytest.raises(FormatError, match=r"<new file>: tensor .a. has shape \[8\] \(8 bits\) but a 2-byte"):
         container.build(backbone_name="x", backbone_hash="0" * 64, codec="raw",
                         tensors=[("a", (8,), 1, b"\x01\x02")], extras=None, metadata={})
+
+
+def test_atomic_write_uses_a_hidden_temp_file_next_to_the_destination(tmp_path, monkeypatch):
+    import os
+
+    seen = []
+    real = os.replace
+
+    def spy(src, dst):
+        seen.append((os.fspath(src), os.fspath(dst), open(src, "rb").read()))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    container.write_atomic(tmp_path / "out.mask", b"payload")
+    (src, dst, data), = seen
+    assert os.path.dirname(src) == str(tmp_path) and dst == str(tmp_path / "out.mask")
+    name = os.path.basename(src)
+    assert name.startswith(".") and "maskpack-" in name and name.endswith(".tmp") and data == b"payload"
+    assert os.listdir(tmp_path) == ["out.mask"] and (tmp_path / "out.mask").read_bytes() == b"payload"
+
+
+def test_extras_encoding_follows_the_format():
+    import zstandard
+
+    blob = bytes(range(256)) * 3 + b"\x07"  # 769 bytes: padded to 772, 4 planes of 193
+    stored = container.encode_extras(blob)
+    padded = blob + b"\x00" * 3
+    planes = b"".join(padded[k::4] for k in range(4))
+    assert stored == zstandard.ZstdCompressor(level=19, write_content_size=True,
+                                              write_checksum=False).compress(planes)
+    entry = container.ExtrasEntry(0, len(stored), zlib.crc32(stored), len(blob))
+    assert container.decode_extras(stored, entry, "x") == blob
+    with pytest.raises(FormatError, match="x: extras are not a zstd frame"):
+        container.decode_extras(b"\x00" * 8, entry, "x")

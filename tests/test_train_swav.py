@@ -29,22 +29,49 @@ def test_sinkhorn_all_reduce_hook_is_used_on_sums_only():
     assert calls == [(), (5, 1), (5, 1), (5, 1)]
 
 
-def test_sinkhorn_two_shards_equal_one_global_batch():
-    # Simulate 2 ranks: a reduce_sum that adds the other shard's (precomputed) sum.
+def _sinkhorn_on_two_ranks(shards: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``sinkhorn(reduce_sum=...)`` on two simulated ranks (threads) whose reduce_sum is an
+    all-reduce: both get the sum of both partial tensors, added in rank order."""
+    import threading
+
+    barrier = threading.Barrier(2, timeout=60)
+    slots: list[torch.Tensor | None] = [None, None]
+    out: list[torch.Tensor | None] = [None, None]
+    errors: list[BaseException] = []
+
+    def work(rank: int) -> None:
+        def all_reduce(t: torch.Tensor) -> torch.Tensor:
+            slots[rank] = t.clone()
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()  # both have read before either writes its next partial sum
+            return total
+
+        try:
+            out[rank] = sinkhorn(shards[rank], reduce_sum=all_reduce, world_size=2)
+        except BaseException as exc:  # reported by the test thread below
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return out
+
+
+def test_sinkhorn_two_shards_match_one_global_batch():
+    # The real sinkhorn() on each half of the batch with an all-reduce between them gives the
+    # one-process result over the whole batch (up to the order of float sums).
     torch.manual_seed(1)
     scores = torch.randn(16, 6) * 0.2
-    full = sinkhorn(scores)
-    a, b = scores[:8], scores[8:]
-    # run both shards in lockstep by iterating manually with exact cross sums
-    qa = torch.exp(a / 0.05).t()
-    qb = torch.exp(b / 0.05).t()
-    tot = qa.sum() + qb.sum()
-    qa, qb = qa / tot, qb / tot
-    for _ in range(3):
-        rows = qa.sum(1, keepdim=True) + qb.sum(1, keepdim=True)
-        qa, qb = qa / rows / 6, qb / rows / 6
-        qa, qb = qa / qa.sum(0, keepdim=True) / 16, qb / qb.sum(0, keepdim=True) / 16
-    torch.testing.assert_close(torch.cat([(qa * 16).t(), (qb * 16).t()]), full)
+    qa, qb = _sinkhorn_on_two_ranks([scores[:8], scores[8:]])
+    torch.testing.assert_close(torch.cat([qa, qb]), sinkhorn(scores), rtol=1e-5, atol=1e-7)
+    # without the all-reduce each half would be balanced on its own: a different answer
+    assert not torch.allclose(torch.cat([sinkhorn(scores[:8]), sinkhorn(scores[8:])]), sinkhorn(scores),
+                              rtol=1e-3, atol=1e-4)
 
 
 def test_swav_loss_queue_and_frozen_prototypes():
@@ -84,7 +111,7 @@ def test_swav_mask_run_stores_no_head(tmp_path):
 
 
 @pytest.mark.slow
-def test_swav_resume_identical(tmp_path):
+def test_swav_resume_identical(tmp_path, same_run):
     kw = dict(dataset="digits", image_size=16, batch_size=16, epochs=2, objective="swav",
               train_indices=list(range(48)), quiet=True, threads=1, eval_every=0, eval_knn="never",
               swav_crops=(2, 2), swav_queue_length=16, swav_prototypes=20, swav_queue_start=0.5,
@@ -93,3 +120,5 @@ def test_swav_resume_identical(tmp_path):
     run(TrainConfig(out=str(tmp_path / "b"), stop_after=1, **kw))
     res = run(TrainConfig(out=str(tmp_path / "b"), resume=True, **kw))
     assert all(torch.equal(full.scores[n], res.scores[n]) for n in full.scores)
+    # and everything else the run saves: queue, prototypes, projection, momentum, metrics
+    same_run(tmp_path / "a", tmp_path / "b")

@@ -146,8 +146,10 @@ def _gzip_dec(data: bytes, cap: int) -> bytes:
     out = d.decompress(data, cap + 1)
     if len(out) > cap:
         raise CodecError(f"payload decompresses to more than the expected {cap} bytes")
-    if not d.eof or d.unused_data:
-        raise CodecError("gzip payload is truncated or has trailing bytes")
+    if not d.eof:
+        raise CodecError("gzip payload is truncated (compressed stream has no end)")
+    if d.unused_data:
+        raise CodecError("gzip payload has trailing bytes after the compressed stream")
     return out
 
 
@@ -202,8 +204,12 @@ def _zstd_dec(data: bytes, cap: int) -> bytes:
     # The frame's declared size was checked above and zstd enforces it, so output is bounded by ``cap``.
     d = zstandard.ZstdDecompressor().decompressobj()
     out = d.decompress(data)
-    if len(out) != cap or not d.eof or d.unused_data:
-        raise CodecError("zstd payload is truncated, oversized or has trailing bytes")
+    if not d.eof:
+        raise CodecError("zstd payload is truncated (compressed stream has no end)")
+    if d.unused_data:
+        raise CodecError("zstd payload has trailing bytes after the frame")
+    if len(out) != cap:
+        raise CodecError(f"zstd payload decodes to {len(out)} bytes, expected {cap}")
     return out
 
 
