@@ -25,8 +25,9 @@ def _run_dir(tmp_path_factory, lite0_readonly):
               "backbone._bn0.num_batches_tracked": torch.tensor(3)}
     ckpt = build_checkpoint(
         backbone="efficientnet_lite0", backbone_hash=lite0_readonly.hash(), scores=scores,
-        mask_mode="threshold", threshold=0.0, k=0.9, scale=True, extras=extras, metadata={"dataset": "digits"}, objective={},
-        momentum={}, epoch=1, step=1, rng_torch=torch.get_rng_state(), config="{}", history="[]")
+        mask_mode="threshold", threshold=0.0, k=0.9, scale=True, extras=extras,
+        metadata={"dataset": "digits"}, objective={}, momentum={}, epoch=1, step=1,
+        rng_torch=torch.get_rng_state(), config="{}", history="[]")
     torch.save(ckpt, d / "checkpoint.pt")
     return d, ckpt
 
