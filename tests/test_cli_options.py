@@ -104,7 +104,8 @@ def test_sync_bn_is_refused_on_the_cpu_under_torchrun(tmp_path):
                        timeout=300)
     assert p.returncode != 0
     errors = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.startswith("Error:")]
-    assert errors == [SYNC_BN, SYNC_BN]  # one line from each rank, nothing trained
+    # each rank prints this one line (torchrun's failure summary may repeat a rank's); nothing else
+    assert len(errors) >= 2 and set(errors) == {SYNC_BN}
     assert not (tmp_path / "s" / "checkpoint.pt").exists()
 
 
