@@ -143,7 +143,7 @@ case "$MODE" in
   smoke)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
     "$PY" -c "import torch, maskpack; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-    STEPS=${STEPS:-150} SIZE=${SIZE:-128} PY=$PY timeout 150 bash bench/gpu_check.sh
+    SIZE=${SIZE:-128} PY=$PY timeout 330 bash bench/gpu_check.sh   # about 3-4 min
     export START=$(date +%s)
     S=${SMOKE_STEPS:-4}
     one smoke-swav $SW $FZ $MLP $BNA --lr 0.001 --set swav_crops=[2,4] --epochs 1 --set max_steps_per_epoch=$S

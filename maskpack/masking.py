@@ -290,17 +290,20 @@ def apply_masks_(model: nn.Module, filter_fn: FilterFn | None = None, *, mask_bi
     return names
 
 
+def _score_mask_owners(model: nn.Module) -> list[tuple[str, ScoreMask, nn.Module, str]]:
+    """(parameter name, ScoreMask, owning module, local name) of every score mask, in module order."""
+    out = []
+    for mod_name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for pname, plist in module.parametrizations.items():
+                full = f"{mod_name}.{pname}" if mod_name else pname
+                out.extend((full, p, module, pname) for p in plist if isinstance(p, ScoreMask))
+    return out
+
+
 def score_masks(model: nn.Module) -> dict[str, ScoreMask]:
     """Map each masked parameter's name (as before masking) to its :class:`ScoreMask`."""
-    out: dict[str, ScoreMask] = {}
-    for mod_name, module in model.named_modules():
-        if not parametrize.is_parametrized(module):
-            continue
-        for pname, plist in module.parametrizations.items():
-            for p in plist:
-                if isinstance(p, ScoreMask):
-                    out[f"{mod_name}.{pname}" if mod_name else pname] = p
-    return out
+    return {name: sm for name, sm, _, _ in _score_mask_owners(model)}
 
 
 def is_masked(model: nn.Module) -> bool:
@@ -400,6 +403,8 @@ class _Bank:
         ends = list(itertools.accumulate(rows))
         self.starts = [(e - r) * _ROW for e, r in zip(ends, rows, strict=True)]
         self.size = ends[-1] * _ROW
+        self.pads = [(s + w.numel(), e * _ROW) for s, w, e in zip(self.starts, weights, ends, strict=True)
+                     if s + w.numel() < e * _ROW]  # the zero tail of each tensor's last row
         self.bounds = torch.tensor([e - r for e, r in zip(ends, rows, strict=True)] + ends, device=device)
         owner = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows))
         self.row_owner = owner.to(device)  # (rows,): which tensor each row belongs to
@@ -466,13 +471,17 @@ class _FusedMaskedWeights(torch.autograd.Function):
     def backward(ctx, *grads):
         bank, n = ctx.bank, len(ctx.bank.masks)
         w, scale_mask = ctx.saved_tensors[:2]
-        g = torch.zeros_like(w)  # padding and unused outputs stay zero
+        g = torch.empty_like(w)
+        views = bank.views(g.view(-1))
         used = [i for i, gi in enumerate(grads) if gi is not None]
         if used:  # strides of one-element dimensions aligned, so that the copy takes one kernel
-            views = bank.views(g.view(-1))
             src = [grads[i].as_strided(grads[i].shape, views[i].stride())
                    if _same_layout(grads[i], views[i]) else grads[i] for i in used]
             torch._foreach_copy_([views[i] for i in used], src)
+        unused = [i for i, gi in enumerate(grads) if gi is None]
+        zero = [g.view(-1)[a:b] for a, b in bank.pads] + [views[i] for i in unused]
+        if zero:  # padding and unused outputs: zero, or a NaN there would reach the cumulative sums
+            torch._foreach_zero_(zero)
         out: list[torch.Tensor | None] = [None] * (2 * n)
         if any(ctx.needs_input_grad[n + 1:]):
             out[n:] = bank.views((g * scale_mask).view(-1))
@@ -486,6 +495,8 @@ class _FusedMaskedWeights(torch.autograd.Function):
                 through = through * _alpha_coef(count, inv, bank.inv_numel)  # (tensors,)
                 torch.addcmul(through[bank.row_owner].unsqueeze(1), gw, inv_rows, out=gw)
         out[:n] = bank.views(gw.view(-1))
+        for i in unused:  # no gradient reached that weight: None, as on the per-layer path
+            out[i] = out[n + i] = None
         need = ctx.needs_input_grad[1:]
         return (None, *[o if need[i] else None for i, o in enumerate(out)])
 
@@ -495,7 +506,7 @@ class _FusedMasks:
 
     def __init__(self, module: nn.Module):
         self.entries = [(sm, owner.parametrizations[pname])
-                        for sm, owner, pname in _score_mask_owners(module)]
+                        for _, sm, owner, pname in _score_mask_owners(module)]
         self.banks: list[_Bank] = []
         self.layout: tuple | None = None
         self.hook_ids: tuple[int, int] = (-1, -1)
@@ -531,22 +542,15 @@ class _FusedMasks:
             sm._fused = None
 
 
-def _score_mask_owners(model: nn.Module) -> list[tuple[ScoreMask, nn.Module, str]]:
-    out = []
-    for module in model.modules():
-        if parametrize.is_parametrized(module):
-            for pname, plist in module.parametrizations.items():
-                out.extend((p, module, pname) for p in plist if isinstance(p, ScoreMask))
-    return out
-
-
 def compile_masks_(model: nn.Module) -> int:
     """Compute all of ``model``'s masked weights in one fused pass per forward call (in place).
 
     A forward pre-hook on ``model`` lays the fp32 scores and frozen weights of each mask
     configuration out in one flat buffer and computes every ``W * (M * 1/alpha)`` with a fixed
-    number of kernels (about 10 forward and 15 backward, whatever the number of masked
-    tensors), no host synchronisation and the same bits as :func:`masked_weight`. The gradients
+    number of operators (about 35 forward and backward together, whatever the number of masked
+    tensors; the per-layer path takes 16 per tensor), no host synchronisation and the same bits
+    as :func:`masked_weight`. Meant for GPUs, where a step is often launch-bound; on a CPU its
+    extra copies make it slower than the per-layer path when the masks dominate. The gradients
     equal the per-layer path's within float rounding, but every score gradient arrives at the
     end of the backward pass (DDP cannot overlap their all-reduce with the backward).
     Parameters may move (``.to(device)``, channels_last) afterwards: the layout is rebuilt.

@@ -220,6 +220,31 @@ def test_compiled_model_trains_after_an_inference_mode_forward(tiny_net):
     assert all(sm.scores.grad is not None for sm in masking.score_masks(tiny_net).values())
 
 
+def test_an_unused_masked_layer_gets_no_gradient_and_poisons_nothing():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.unused, self.b = nn.Linear(5, 7), nn.Linear(5, 300), nn.Linear(7, 3)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    def run(compiled):
+        torch.manual_seed(0)
+        net = Net()
+        masking.apply_masks_(net)
+        if compiled:
+            masking.compile_masks_(net)
+            torch.full((4096,), float("nan")).sum()  # leave NaN garbage for the allocator to hand out
+        net(torch.randn(4, 5)).sum().backward()
+        return {n: sm.scores.grad for n, sm in masking.score_masks(net).items()}
+
+    ref, got = run(False), run(True)
+    assert ref["unused.weight"] is None and got["unused.weight"] is None
+    for name in ("a.weight", "b.weight"):
+        assert torch.isfinite(got[name]).all() and torch.allclose(got[name], ref[name], rtol=1e-5, atol=1e-7)
+
+
 def test_unfusable_tensors_keep_the_per_layer_path():
     net = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2)).double()
     masking.apply_masks_(net)
