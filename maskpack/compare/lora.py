@@ -38,6 +38,7 @@ from .pair import PairConfig, _check_reuse, read_metrics
 from .result import Row
 
 LORA_LR = 1e-3  # AdamW, adapters and head
+META_KEY = "maskpack"
 ADAPTER_FILE = "adapter.safetensors"
 # The lossless methods tried on the adapter file (no XOR: an adapter has no backbone tensor to XOR with).
 LORA_METHODS = ("raw", *(n for n, _, _ in GENERAL), "bytegroup+zstd-19")
@@ -54,6 +55,13 @@ def require_peft():
     except ImportError:
         raise ConfigError("--lora needs PEFT: pip install 'maskpack[lora]' (or pip install peft)") from None
     return peft
+
+
+def safetensors_error() -> type[Exception]:
+    """The exception safetensors raises on a malformed file."""
+    from safetensors import SafetensorError
+
+    return SafetensorError
 
 
 def lora_alpha(rank: int) -> int:
@@ -137,10 +145,28 @@ def adapter_state(model: nn.Module, bn_names: list[str]) -> dict[str, torch.Tens
 
 
 def adapter_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """The safetensors bytes of :func:`adapter_state` with ``metadata`` (deterministic)."""
+    """The safetensors bytes of :func:`adapter_state` with ``metadata``, deterministic: safetensors
+    writes a metadata map in no fixed order, so the notes go in one key, ``maskpack``, as sorted JSON."""
     from safetensors.torch import save as st_save
 
-    return st_save(dict(sorted(state.items())), metadata=metadata)
+    return st_save(dict(sorted(state.items())), metadata={META_KEY: json.dumps(metadata, sort_keys=True)})
+
+
+def adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The notes :func:`adapter_bytes` stored in an adapter file (``{}`` when there are none).
+
+    Raises:
+        FormatError: not a safetensors file.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(path), "pt") as f:
+            meta = dict(f.metadata() or {})
+        return json.loads(meta[META_KEY]) if META_KEY in meta else {}
+    except (OSError, ValueError, safetensors_error()) as exc:
+        raise FormatError(f"{os.fspath(path)} is not a readable safetensors file ({exc}): pass the "
+                          "adapter.safetensors of a `maskpack bench --lora` run") from exc
 
 
 def load_lora(path: str | os.PathLike, backbone=None) -> nn.Module:
@@ -156,20 +182,18 @@ def load_lora(path: str | os.PathLike, backbone=None) -> nn.Module:
     Raises:
         FormatError: not such a file. BackboneMismatchError: another backbone's adapter.
     """
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from ..backbones import load_backbone
     from ..model import TaskModel
 
     path = os.fspath(path)
+    meta = adapter_metadata(path)
     try:
         state = load_file(path)
-        with safe_open(path, "pt") as f:
-            meta = dict(f.metadata() or {})
         rank, alpha = int(meta["lora.rank"]), int(meta["lora.alpha"])
         targets = json.loads(meta["lora.targets"])
-    except (KeyError, ValueError, OSError) as exc:
+    except (KeyError, ValueError, OSError, safetensors_error()) as exc:
         raise FormatError(f"{path} is not a maskpack LoRA adapter ({exc}): pass the adapter.safetensors "
                           "of a `maskpack bench --lora` run") from exc
     bb = backbone if backbone is not None else load_backbone(meta.get("backbone", ""))
