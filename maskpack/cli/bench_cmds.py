@@ -102,7 +102,7 @@ def render_lora(result, console) -> None:
                    "and seed; OUT/lora) and compare its stored size; needs peft (extra 'lora').")
 @click.option("--max-steps", type=int, default=None, hidden=True, help="Cap steps per epoch (tests).")
 @click.option("--out", default="runs/bench", show_default=True,
-              help="Directory of the two training runs (OUT/mask, OUT/fft); finished runs are reused.")
+              help="Directory of the training runs (OUT/mask, OUT/fft, OUT/lora); finished runs are reused.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the results as JSON to this file.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
