@@ -27,6 +27,7 @@ import os
 import re
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -44,7 +45,7 @@ ADAPTER_FILE = "adapter.safetensors"
 LORA_METHODS = ("raw", *(n for n, _, _ in GENERAL), "bytegroup+zstd-19")
 
 
-def require_peft():
+def require_peft() -> ModuleType:
     """The ``peft`` module, or a ConfigError that says how to install it.
 
     Raises:
@@ -268,6 +269,7 @@ class _Run:
             g["base_lr"] = g["lr"]
 
     def adapting(self) -> list[nn.Module]:
+        """The BN modules whose statistics adapt (train mode while training, re-estimated before the test)."""
         return [self.model.backbone.get_submodule(n) for n in self.bn_names]
 
     def train(self) -> float:
