@@ -134,6 +134,9 @@ def test_bench_lora_row_and_reuse(peft, tmp_path, tiny_registry):
     assert 0 < lo["best_bytes"] <= lo["raw_bytes"] and lo["best_method"] in [r["method"] for r in lo["rows"]]
     assert 0.0 <= lo["accuracy"] <= 1.0 and d["accuracy"]["lora"] == lo["accuracy"]
     assert d["info"]["train_s"]["lora"] > 0
+    from maskpack.compare import BenchResult
+
+    assert BenchResult.from_dict(d).to_dict()["lora"] == lo  # the JSON re-reads (e.g. to re-plot)
     # a second run reuses the finished LoRA (and says so) ...
     again = _bench(out, js, "--lora", "2")
     assert again.exit_code == 0, again.output
