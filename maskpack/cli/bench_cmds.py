@@ -53,6 +53,30 @@ def render(result, console) -> None:
                   f"raw {_size(w['fft_raw_bytes'])}); lzma on both: {ra['whole_paper']:.1f}x")
     acc = result.accuracy
     console.print(f"test accuracy: mask {_acc(acc.get('mask'))}, fine-tune {_acc(acc.get('fft'))}")
+    if result.lora is not None:
+        render_lora(result, console)
+
+
+def render_lora(result, console) -> None:
+    """The mask, the LoRA and the fine-tune side by side: stored bytes, accuracy, training time."""
+    from rich.table import Table
+
+    lo, w, t = result.lora, result.whole, result.info.get("train_s", {})
+    mask_file = result.info.get("mask_path")
+    raw_mask = os.path.getsize(mask_file) if mask_file and os.path.isfile(mask_file) else w["mask_file_bytes"]
+    table = Table(title=f"whole task, stored: mask vs LoRA rank {lo['rank']} ({lo['params']:,} adapter "
+                        f"weights on {len(lo['targets'])} layers) vs fine-tune")
+    for col in ("task", "stored as", "bytes", "best lossless", "best method", "accuracy", "train s"):
+        table.add_column(col, justify="left" if col in ("task", "stored as", "best method") else "right")
+    table.add_row("mask", ".mask file (head, BN stats)", _size(raw_mask), _size(w["mask_file_bytes"]), "ans",
+                  _acc(result.accuracy.get("mask")), _speed(t.get("mask")))
+    table.add_row(f"LoRA r={lo['rank']}", "safetensors (adapters, head, BN stats)", _size(lo["raw_bytes"]),
+                  _size(lo["best_bytes"]), lo["best_method"], _acc(lo.get("accuracy")), _speed(t.get("lora")))
+    table.add_row("fine-tune", "fp32 tensors (all)", _size(w["fft_raw_bytes"]), _size(w["fft_best_bytes"]),
+                  w["fft_best_method"], _acc(result.accuracy.get("fft")), _speed(t.get("fft")))
+    console.print(table)
+    if t.get("lora") == 0.0:
+        console.print("(a train time of 0.0: the finished run in --out was reused)")
 
 
 @main.command("bench")
@@ -73,9 +97,12 @@ def render(result, console) -> None:
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--lora", "lora_rank", type=click.IntRange(min=1), default=None, metavar="RANK",
+              help="Also train a LoRA of this rank on the layers the mask recipe masks (same data, budget "
+                   "and seed; OUT/lora) and compare its stored size; needs peft (extra 'lora').")
 @click.option("--max-steps", type=int, default=None, hidden=True, help="Cap steps per epoch (tests).")
 @click.option("--out", default="runs/bench", show_default=True,
-              help="Directory of the two training runs (OUT/mask, OUT/fft); finished runs are reused.")
+              help="Directory of the training runs (OUT/mask, OUT/fft, OUT/lora); finished runs are reused.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the results as JSON to this file.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
@@ -85,7 +112,7 @@ def render(result, console) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress; print only the table and headline.")
 @handle_errors
 def bench_cmd(mask_path, finetuned, dataset, backbone, backbone_weights, data_dir, download, epochs,
-              image_size, batch_size, device, seed, max_steps, out, json_path, plot_path, jobs,
+              image_size, batch_size, device, seed, lora_rank, max_steps, out, json_path, plot_path, jobs,
               quiet) -> None:
     """Compare storing a task as a mask with storing it as a full fine-tune.
 
@@ -100,6 +127,7 @@ def bench_cmd(mask_path, finetuned, dataset, backbone, backbone_weights, data_di
         maskpack bench                                   # embedded Lite0 + digits, a few minutes
         maskpack bench --dataset cifar100 --epochs 30 --image-size 64 --out runs/c100 --plot c100.png
         maskpack bench --mask runs/m/task.mask --finetuned runs/f/model.safetensors --json res.json
+        maskpack bench --lora 8 --json res.json            # and a rank-8 LoRA (pip install 'maskpack[lora]')
     """
     from rich.console import Console
 
@@ -108,6 +136,13 @@ def bench_cmd(mask_path, finetuned, dataset, backbone, backbone_weights, data_di
 
     if (mask_path is None) != (finetuned is None):
         raise ConfigError("give both --mask and --finetuned, or neither (then both are trained)")
+    if lora_rank is not None:
+        if mask_path is not None:
+            raise ConfigError("--lora trains beside the mask and the fine-tune it trains: leave out --mask "
+                              "and --finetuned (finished runs in --out are reused)")
+        from ..compare.lora import require_peft
+
+        require_peft()  # fail before minutes of training, not after
     if plot_path:  # fail before minutes of training, not after
         try:
             import matplotlib  # noqa: F401
@@ -119,14 +154,17 @@ def bench_cmd(mask_path, finetuned, dataset, backbone, backbone_weights, data_di
         console = Console(width=120)  # piped to a file: do not wrap the table at 80 columns
     t0 = time.perf_counter()
     info: dict = {}
+    pair: dict = {}
     if mask_path is None:
         cfg = bench.PairConfig(dataset=dataset, backbone=backbone, backbone_weights=backbone_weights,
                                epochs=epochs, image_size=image_size,
                                batch_size=batch_size, data_dir=data_dir, download=download, out=out,
-                               device=device, seed=seed, max_steps_per_epoch=max_steps, quiet=quiet)
+                               device=device, seed=seed, max_steps_per_epoch=max_steps, quiet=quiet,
+                               lora_rank=lora_rank)
         if not quiet:
+            extra = f", and a LoRA of rank {lora_rank} into {out}/lora" if lora_rank else ""
             console.print(f"training a mask and a fine-tune on {dataset} ({epochs} epochs, {image_size} px) "
-                          f"into {out}/mask and {out}/fft")
+                          f"into {out}/mask and {out}/fft{extra}")
         pair = bench.train_pair(cfg)
         mask_path, finetuned = pair["mask_path"], pair["fft_path"]
         info = {"dataset": dataset, "epochs": epochs, "image_size": image_size, "train_s": pair["train_s"]}
@@ -135,6 +173,11 @@ def bench_cmd(mask_path, finetuned, dataset, backbone, backbone_weights, data_di
     # the backbone the mask names, built from the local weights file when one is given
     bb = backbone_from(None, backbone_weights, read(mask_path).backbone_name) if backbone_weights else None
     result = _compare(bench, mask_path, finetuned, info, quiet, console, jobs, bb)
+    if "lora" in pair:
+        from ..compare.lora import lora_summary
+
+        result.lora = lora_summary(pair["lora"], workers=jobs or bench.default_workers())
+        result.accuracy["lora"] = pair["lora"]["accuracy"]
     result.info["total_s"] = time.perf_counter() - t0
     render(result, console)
     if json_path:

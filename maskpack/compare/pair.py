@@ -47,6 +47,7 @@ class PairConfig:
     seed: int = 0
     max_steps_per_epoch: int | None = None
     quiet: bool = True
+    lora_rank: int | None = None  # also train a LoRA of this rank (compare/lora.py; needs peft)
 
 
 _REUSE_KEYS = ("backbone", "dataset", "epochs", "image_size", "batch_size", "seed", "method")
@@ -71,9 +72,12 @@ def train_pair(config: PairConfig, *, callbacks=()) -> dict[str, Any]:
     """Train the mask and the fine-tune into ``out/mask`` and ``out/fft``.
 
     A side whose run directory already holds its finished task file is reused, not retrained.
+    With ``config.lora_rank`` a LoRA is trained into ``out/lora`` too
+    (:func:`maskpack.compare.lora.train_lora`).
 
     Returns:
-        ``{"mask_path", "fft_path", "accuracy": {"mask", "fft"}, "train_s": {"mask", "fft"}}``.
+        ``{"mask_path", "fft_path", "accuracy": {"mask", "fft"}, "train_s": {"mask", "fft"}}``, and
+        ``"lora"`` (the LoRA run's record) plus ``lora`` entries in both dicts with a LoRA.
     """
     from ..train import TrainConfig, run
 
@@ -101,4 +105,10 @@ def train_pair(config: PairConfig, *, callbacks=()) -> dict[str, Any]:
         out["train_s"][method] = time.perf_counter() - t0
         out[f"{method}_path"] = str(result.task_path)
         out["accuracy"][method] = result.metrics.get("accuracy")
+    if config.lora_rank:
+        from .lora import train_lora
+
+        out["lora"] = train_lora(config, config.lora_rank)
+        out["accuracy"]["lora"] = out["lora"]["accuracy"]
+        out["train_s"]["lora"] = 0.0 if out["lora"]["reused"] else out["lora"]["train_s"]
     return out

@@ -61,6 +61,9 @@ class BenchResult:
         ratios: ``paper``, ``honest``, ``whole`` (and ``whole_paper``), fp32 size / mask size.
         accuracy: ``{"mask": float | None, "fft": float | None}``.
         info: free-form provenance (dataset, epochs, file paths, timings).
+        lora: with ``--lora``, the LoRA run (:func:`maskpack.compare.lora.lora_summary`): rank,
+            ``raw_bytes`` / ``best_bytes`` / ``best_method`` of its adapter file, one row per method,
+            accuracy, training time; None without.
     """
 
     backbone: str
@@ -74,6 +77,7 @@ class BenchResult:
     ratios: dict[str, float]
     accuracy: dict[str, float | None] = field(default_factory=lambda: {"mask": None, "fft": None})
     info: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, Any] | None = None
 
     def row(self, side: str, method: str) -> Row:
         """The row of ``method`` on ``side``; KeyError when absent."""
@@ -90,7 +94,8 @@ class BenchResult:
         return {"backbone": self.backbone, "tensors": self.tensors, "numel": self.numel,
                 "active": self.active, "changed": self.changed,
                 "mask": [r.to_dict() for r in self.mask_rows], "fp32": [r.to_dict() for r in self.fp32_rows],
-                "whole": self.whole, "ratios": self.ratios, "accuracy": self.accuracy, "info": self.info}
+                "whole": self.whole, "ratios": self.ratios, "accuracy": self.accuracy, "info": self.info,
+                **({"lora": self.lora} if self.lora is not None else {})}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -101,4 +106,5 @@ class BenchResult:
         keys = ("side", "method", "raw_bytes", "compressed_bytes", "encode_s", "decode_s")
         rows = {side: [Row(**{k: r[k] for k in keys}) for r in d[side]] for side in ("mask", "fp32")}
         return cls(d["backbone"], d["tensors"], d["numel"], d["active"], d["changed"], rows["mask"],
-                   rows["fp32"], d["whole"], d["ratios"], d.get("accuracy", {}), d.get("info", {}))
+                   rows["fp32"], d["whole"], d["ratios"], d.get("accuracy", {}), d.get("info", {}),
+                   d.get("lora"))
