@@ -1,0 +1,90 @@
+"""Combinations: how a cascade turns its K + 1 feature blocks into one embedding.
+
+Each kind is a fixed function of the concatenated blocks ``x`` (N, C), C = (K + 1) * F, and of
+the tensors stored for it (``combine/<mode>/<name>`` in the file); the stored tensors define the
+embedding exactly, so a saved and loaded cascade gives ``torch.equal`` embeddings.
+
+* ``l2``: every block L2-normalised, then concatenated (C wide). Nothing stored.
+* ``standardize``: ``(x - mean) * scale`` per dimension (C wide); ``mean``, ``scale`` (C,).
+* ``pca``: a whitened PCA, ``((x - mean) @ components.T) * scale`` (W wide); ``mean`` (C,),
+  ``components`` (W, C), ``scale`` (W,). The dense one of version-1 files.
+
+Importable on the loading path (no scikit-learn): :mod:`.fit` fits the parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+
+#: tensors each kind stores, per mode
+KINDS: dict[str, tuple[str, ...]] = {
+    "l2": (),
+    "standardize": ("mean", "scale"),
+    "pca": ("mean", "components", "scale"),
+}
+DEFAULT_KIND = "l2"
+#: stored dtypes accepted for the floating-point combination tensors
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def check_kind(kind: str) -> str:
+    """``kind`` itself, or ConfigError naming the known kinds."""
+    if kind not in KINDS:
+        raise ConfigError(f"unknown combination {kind!r}: use one of {', '.join(KINDS)}")
+    return kind
+
+
+def shape_error(kind: str, params: dict[str, torch.Tensor], n_blocks: int, width: int) -> str | None:
+    """What is wrong with ``params`` for ``kind`` over ``n_blocks`` blocks of ``width``, or None."""
+    need = set(KINDS[kind])
+    if set(params) != need:
+        return f"needs tensors {sorted(need)}, got {sorted(params)}"
+    c = n_blocks * width
+    if kind == "standardize":
+        if params["mean"].shape != (c,) or params["scale"].shape != (c,):
+            return f"mean and scale must have shape ({c},)"
+    elif kind == "pca":
+        comp = params["components"].shape
+        if (params["mean"].shape != (c,) or len(comp) != 2 or comp[1] != c
+                or params["scale"].shape != (comp[0],)):
+            return "has inconsistent shapes"
+    if any(not t.is_floating_point() for t in params.values()):
+        return "tensors must be floating point"
+    return None
+
+
+class Combination:
+    """One mode's combination as a callable: ``(N, C)`` blocks -> ``(N, W)`` embeddings (float32).
+
+    Args:
+        kind: one of :data:`KINDS`.
+        params: the stored tensors (any float dtype; computed in float32).
+        n_blocks: K + 1.
+    """
+
+    def __init__(self, kind: str, params: dict[str, torch.Tensor], n_blocks: int):
+        self.kind = check_kind(kind)
+        self.n_blocks = n_blocks
+        self.t = {k: v.detach().float() for k, v in params.items()}
+        if kind == "pca":  # (C, W), contiguous for the matmul
+            self.t["components"] = self.t["components"].t().contiguous()
+
+    def to(self, device) -> Combination:
+        self.t = {k: v.to(device) for k, v in self.t.items()}
+        return self
+
+    def width(self, c: int) -> int:
+        """Output width for ``c`` input columns."""
+        return int(self.t["components"].shape[1]) if self.kind == "pca" else c
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        t = self.t
+        if self.kind == "l2":
+            return torch.cat([F.normalize(b, dim=1) for b in x.chunk(self.n_blocks, 1)], 1)
+        if self.kind == "standardize":
+            return (x - t["mean"]) * t["scale"]
+        return ((x - t["mean"]) @ t["components"]) * t["scale"]
