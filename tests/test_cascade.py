@@ -77,7 +77,7 @@ def _build(kind, router_dtype=torch.float16):
     router = fit_router(d_tr, n_experts=K, dim=4, seed=0, dtype=router_dtype)
     blocks = [d_tr] + [e.features(x) for e in experts]
     routes = CascadeModel(disp, [], router, {}).route_features(d_tr)
-    fit = dict(width=16, kind=kind, n_blocks=K + 1)
+    fit = dict(width=16, kind=kind, n_blocks=K + 1, router=router)
     combine = {"unconditional": fit_combination(torch.cat(blocks, 1), **fit),
                "conditional": fit_combination(CascadeModel.conditional_blocks(blocks, routes), **fit)}
     model = CascadeModel(disp, experts, router, combine, combine_kind=kind)
@@ -168,6 +168,13 @@ def test_combination_kinds():
     assert st["mean"].dtype == torch.float16 and st["scale"].shape == (12,) and float(st["scale"][5]) == 0
     y = Combination("standardize", st, 3)(x)
     torch.testing.assert_close(y.std(0)[:5], torch.ones(5), atol=2e-2, rtol=0)
+    router = {"pca_mean": torch.zeros(4), "pca_components": torch.eye(4)[:2]}  # the first 2 coordinates
+    sub = fit_combination(x, width=5, kind="subspace", n_blocks=3, router=router)
+    assert sub["components"].shape == (5, 6)  # 3 blocks x 2 basis dimensions, whitened to 5
+    z = Combination("subspace", sub, 3, (router["pca_mean"], router["pca_components"])).project(x)
+    assert torch.equal(z, x[:, [0, 1, 4, 5, 8, 9]])
+    with pytest.raises(maskpack.errors.ConfigError, match="needs the router"):
+        fit_combination(x, width=4, kind="subspace", n_blocks=3)
     with pytest.raises(maskpack.errors.ConfigError, match="unknown combination 'dense'"):
         fit_combination(x, width=4, kind="dense")
     with pytest.raises(maskpack.errors.ConfigError, match="do not split into 5 blocks"):

@@ -6,6 +6,11 @@ embedding exactly, so a saved and loaded cascade gives ``torch.equal`` embedding
 
 * ``l2``: every block L2-normalised, then concatenated (C wide). Nothing stored.
 * ``standardize``: ``(x - mean) * scale`` per dimension (C wide); ``mean``, ``scale`` (C,).
+* ``subspace``: every block projected onto the router's PCA basis (``(b - pca_mean) @
+  pca_components.T``, P dimensions; an all-zero block, as in the conditional mode, stays zero),
+  concatenated ((K + 1) * P) and whitened: ``((z - mean) @ components.T) * scale`` (W wide);
+  ``mean`` ((K+1)P,), ``components`` (W, (K+1)P), ``scale`` (W,). The basis is the router's,
+  already in the file.
 * ``pca``: a whitened PCA, ``((x - mean) @ components.T) * scale`` (W wide); ``mean`` (C,),
   ``components`` (W, C), ``scale`` (W,). The dense one of version-1 files.
 
@@ -23,6 +28,7 @@ from ..errors import ConfigError
 KINDS: dict[str, tuple[str, ...]] = {
     "l2": (),
     "standardize": ("mean", "scale"),
+    "subspace": ("mean", "components", "scale"),
     "pca": ("mean", "components", "scale"),
 }
 DEFAULT_KIND = "l2"
@@ -37,16 +43,18 @@ def check_kind(kind: str) -> str:
     return kind
 
 
-def shape_error(kind: str, params: dict[str, torch.Tensor], n_blocks: int, width: int) -> str | None:
-    """What is wrong with ``params`` for ``kind`` over ``n_blocks`` blocks of ``width``, or None."""
+def shape_error(kind: str, params: dict[str, torch.Tensor], n_blocks: int, width: int,
+                basis_dim: int = 0) -> str | None:
+    """What is wrong with ``params`` for ``kind`` over ``n_blocks`` blocks of ``width`` (``subspace``:
+    of the router's ``basis_dim`` dimensions), or None."""
     need = set(KINDS[kind])
     if set(params) != need:
         return f"needs tensors {sorted(need)}, got {sorted(params)}"
-    c = n_blocks * width
+    c = n_blocks * (basis_dim if kind == "subspace" else width)
     if kind == "standardize":
         if params["mean"].shape != (c,) or params["scale"].shape != (c,):
             return f"mean and scale must have shape ({c},)"
-    elif kind == "pca":
+    elif kind in ("pca", "subspace"):
         comp = params["components"].shape
         if (params["mean"].shape != (c,) or len(comp) != 2 or comp[1] != c
                 or params["scale"].shape != (comp[0],)):
@@ -63,14 +71,21 @@ class Combination:
         kind: one of :data:`KINDS`.
         params: the stored tensors (any float dtype; computed in float32).
         n_blocks: K + 1.
+        basis: ``subspace`` only: the router's ``(pca_mean (F,), pca_components (P, F))``.
     """
 
-    def __init__(self, kind: str, params: dict[str, torch.Tensor], n_blocks: int):
+    def __init__(self, kind: str, params: dict[str, torch.Tensor], n_blocks: int,
+                 basis: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.kind = check_kind(kind)
         self.n_blocks = n_blocks
         self.t = {k: v.detach().float() for k, v in params.items()}
-        if kind == "pca":  # (C, W), contiguous for the matmul
+        if kind in ("pca", "subspace"):  # (C, W), contiguous for the matmul
             self.t["components"] = self.t["components"].t().contiguous()
+        if kind == "subspace":
+            if basis is None:
+                raise ConfigError("the subspace combination needs the router's PCA basis")
+            self.t["basis_mean"] = basis[0].detach().float()
+            self.t["basis_t"] = basis[1].detach().float().t().contiguous()  # (F, P)
 
     def to(self, device) -> Combination:
         self.t = {k: v.to(device) for k, v in self.t.items()}
@@ -78,7 +93,16 @@ class Combination:
 
     def width(self, c: int) -> int:
         """Output width for ``c`` input columns."""
-        return int(self.t["components"].shape[1]) if self.kind == "pca" else c
+        return int(self.t["components"].shape[1]) if self.kind in ("pca", "subspace") else c
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """``subspace``: each block on the router's basis, all-zero blocks kept zero: (N, (K+1)P)."""
+        t = self.t
+        out = []
+        for b in x.float().chunk(self.n_blocks, 1):
+            z = (b - t["basis_mean"]) @ t["basis_t"]
+            out.append(torch.where((b != 0).any(1, keepdim=True), z, torch.zeros_like(z)))
+        return torch.cat(out, 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
@@ -87,4 +111,6 @@ class Combination:
             return torch.cat([F.normalize(b, dim=1) for b in x.chunk(self.n_blocks, 1)], 1)
         if self.kind == "standardize":
             return (x - t["mean"]) * t["scale"]
+        if self.kind == "subspace":
+            x = self.project(x)
         return ((x - t["mean"]) @ t["components"]) * t["scale"]

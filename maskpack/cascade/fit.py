@@ -69,24 +69,28 @@ def fit_router(features: torch.Tensor, *, n_experts: int = 5, dim: int = 20, see
 
 
 def fit_combination(blocks: torch.Tensor, *, width: int, seed: int = 0, dtype: torch.dtype = torch.float16,
-                    kind: str = "pca", n_blocks: int = 1) -> dict[str, torch.Tensor]:
+                    kind: str = "pca", n_blocks: int = 1,
+                    router: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The tensors of combination ``kind`` (:mod:`.combine`) fitted on training blocks (N, C).
 
     * ``pca``: a whitened PCA to ``width`` dimensions, capped at the data's rank (``N - 1``);
       components with a variance below 1e-9 of the largest are dropped (whitening would divide
       by ~0). ``components`` are stored in ``dtype``, ``mean`` and ``scale`` in float32.
     * ``standardize``: per-dimension mean and ``1 / std`` (0 for constant dimensions), in ``dtype``.
+    * ``subspace``: the blocks projected onto the router's PCA basis (as stored), then a
+      whitened PCA as for ``pca``.
     * ``l2``: nothing (``{}``).
 
     The cascade always uses the stored, rounded values, so training and loading agree exactly.
 
     Args:
         blocks: concatenated training features (N, C), C = ``n_blocks`` * F.
-        width: output width of ``pca``.
+        width: output width of ``pca`` / ``subspace`` (capped at the rank).
         seed: the PCA's ``random_state``.
         dtype: float16 or float32, the stored precision.
         kind: one of :data:`maskpack.cascade.combine.KINDS`.
         n_blocks: K + 1 (for the shape check).
+        router: the router's tensors (``subspace`` only).
 
     Returns:
         ``{name: tensor}`` as stored under ``combine/<mode>/``.
@@ -107,6 +111,14 @@ def fit_combination(blocks: torch.Tensor, *, width: int, seed: int = 0, dtype: t
         # a dimension whose 1/std overflows the stored dtype is dropped (scale 0), never inf
         scale = torch.where(torch.isfinite(scale), scale, torch.zeros_like(scale))
         return {"mean": x.mean(0).to(dtype), "scale": scale}
+    if kind == "subspace":
+        if router is None:
+            raise ConfigError("the subspace combination needs the router's tensors")
+        from .combine import Combination
+
+        blocks = Combination(kind, {"mean": torch.zeros(1), "components": torch.zeros(1, 1),
+                                    "scale": torch.zeros(1)}, n_blocks,
+                             (router["pca_mean"], router["pca_components"])).project(blocks)
     return _fit_pca(blocks, width, seed, dtype)
 
 

@@ -251,7 +251,7 @@ def _check_params(path: str, router: dict[str, torch.Tensor], combine: dict[str,
     if any(v.dtype not in ROUTER_DTYPES for v in router.values()):
         raise FormatError(f"{path}: router tensors must be float16, float32 or float64")
     for mode, params in combine.items():
-        err = shape_error(kind, params, k + 1, f[0])
+        err = shape_error(kind, params, k + 1, f[0], p[0])
         if err:
             raise FormatError(f"{path}: combination {mode!r} ({kind}) {err}")
 

@@ -47,7 +47,8 @@ class CascadeModel(nn.Module):
         self.combine_kind = combine_kind
         self.combine_params = {m: {k: v.detach() for k, v in p.items()} for m, p in combine.items()}
         # float32 copies of the stored tensors (exact for float16 input)
-        self._proj = {m: Combination(combine_kind, p, len(experts) + 1)
+        basis = (self.router["pca_mean"], self.router["pca_components"]) if router else None
+        self._proj = {m: Combination(combine_kind, p, len(experts) + 1, basis)
                       for m, p in self.combine_params.items()}
         prec = self.router["gmm_precisions_cholesky"]  # (K, P, P)
         self._log_det = torch.log(torch.diagonal(prec, dim1=1, dim2=2)).sum(1)  # (K,)

@@ -57,6 +57,8 @@ class CascadeConfig:
         combine: the combination (:data:`maskpack.cascade.combine.KINDS`): ``l2`` (blocks
             L2-normalised and concatenated, nothing stored), ``standardize`` or ``pca`` (the dense
             whitened PCA of version-1 files).
+        combine_width: output width of ``pca`` / ``subspace`` (capped at the training data's
+            rank); None: the dispatcher's width F for ``pca``, all (K+1)P for ``subspace``.
         combine_dtype: ``float16`` or ``float32`` for the stored combination tensors.
         router_dtype: ``float16``, ``float32`` or ``float64``: the router's stored precision (the
             routes are computed from the rounded values, in training as after loading).
@@ -78,6 +80,7 @@ class CascadeConfig:
     expert_steps: int | None = None
     modes: tuple[str, ...] = MODES
     combine: str = DEFAULT_KIND
+    combine_width: int | None = None
     combine_dtype: str = "float16"
     router_dtype: str = "float16"
     expert_layers: str = DEFAULT_EXPERT_LAYERS
@@ -344,8 +347,9 @@ def _combine_stage(c: CascadeConfig, d_model, e_models, router, d_tr, e_tr, rout
     blocks_tr = {"unconditional": torch.cat([d_tr, *e_tr], 1),
                  "conditional": CascadeModel.conditional_blocks([d_tr, *e_tr], routes_tr)}
     n = len(e_tr) + 1
-    combine = {mode: fit_combination(blocks_tr[mode], width=d_tr.shape[1], seed=c.seed, dtype=dtype,
-                                     kind=c.combine, n_blocks=n) for mode in c.modes}
+    full = n * router["pca_components"].shape[0] if c.combine == "subspace" else d_tr.shape[1]
+    fit = dict(width=c.combine_width or full, seed=c.seed, dtype=dtype, kind=c.combine, router=router)
+    combine = {mode: fit_combination(blocks_tr[mode], n_blocks=n, **fit) for mode in c.modes}
     model = CascadeModel(d_model, e_models, router, combine, mode=c.modes[0], combine_kind=c.combine)
     routes_te = model.route_features(test_f[0])
     blocks_te = {"unconditional": torch.cat(test_f, 1),
@@ -354,8 +358,8 @@ def _combine_stage(c: CascadeConfig, d_model, e_models, router, d_tr, e_tr, rout
     metrics = {"dispatcher": _scores(d_tr, y_tr, test_f[0], y_te, c.probe, c.seed, num_classes)}
     # Control: the dispatcher's own features through the same kind of combination (no experts), to
     # tell what the combination alone does from what the experts add.
-    alone = CascadeModel(d_model, [], router, {"unconditional": fit_combination(
-        d_tr, width=d_tr.shape[1], seed=c.seed, dtype=dtype, kind=c.combine)}, combine_kind=c.combine)
+    alone = CascadeModel(d_model, [], router, {"unconditional": fit_combination(d_tr, n_blocks=1, **fit)},
+                         combine_kind=c.combine)
     metrics["dispatcher_combined"] = _scores(alone.combine(d_tr), y_tr, alone.combine(test_f[0]), y_te,
                                              c.probe, c.seed, num_classes)
     for mode in c.modes:

@@ -38,9 +38,13 @@ from . import handle_errors, main, parse_set
               help="Combinations to fit, evaluate and store (comma-separated).")
 @click.option("--combine", "combine_kind", type=click.Choice(list(KINDS)), default=DEFAULT_KIND,
               show_default=True,
-              help="How the K+1 feature blocks become one embedding: l2 (each block L2-normalised, "
-                   "concatenated; nothing stored), standardize (per-dimension mean and scale stored), "
-                   "pca (a dense whitened PCA back to the dispatcher's width: large).")
+              help="How the K+1 feature blocks become one embedding: subspace (each block on the router's "
+                   "PCA basis, then a small whitened PCA), l2 (each block L2-normalised, concatenated; "
+                   "nothing stored), standardize (per-dimension mean and scale), pca (a dense whitened "
+                   "PCA of all blocks: large).")
+@click.option("--combine-width", type=int, default=None,
+              help="Output width of the pca / subspace combination (default: the dispatcher's width "
+                   "for pca, all (K+1) x router-dim dimensions for subspace).")
 @click.option("--combine-dtype", type=click.Choice(["float16", "float32"]), default="float16",
               show_default=True, help="Storage dtype of the combination's tensors.")
 @click.option("--router-dtype", type=click.Choice(["float16", "float32", "float64"]), default="float16",
@@ -60,9 +64,9 @@ from . import handle_errors, main, parse_set
 @click.option("--json", "json_out", is_flag=True, help="Print the results as JSON.")
 @handle_errors
 def cascade_cmd(dispatcher, dataset, data_dir, download, image_size, epochs, batch_size, lr, max_steps,
-                set_values, experts, router_dim, expert_steps, modes, combine_kind, combine_dtype,
-                router_dtype, expert_layers, expert_bn, probe, seed, threads, device, out, quiet,
-                json_out) -> None:
+                set_values, experts, router_dim, expert_steps, modes, combine_kind, combine_width,
+                combine_dtype, router_dtype, expert_layers, expert_bn, probe, seed, threads, device, out,
+                quiet, json_out) -> None:
     """Train a cascade: a SwAV dispatcher mask, a PCA + Gaussian-mixture router, one expert
     mask per cluster (initialised from the dispatcher), and a combination of their features.
 
@@ -91,6 +95,7 @@ def cascade_cmd(dispatcher, dataset, data_dir, download, image_size, epochs, bat
     slug = dataset.rstrip("/").split("/")[-1].replace(":", "-") or "data"
     cfg = CascadeConfig(dispatcher=dispatcher, train=tc, experts=experts, router_dim=router_dim,
                         expert_steps=expert_steps, modes=mode_list, combine=combine_kind,
+                        combine_width=combine_width,
                         combine_dtype=combine_dtype, router_dtype=router_dtype, expert_layers=expert_layers,
                         expert_bn=expert_bn, probe=probe,
                         out=out or f"runs/cascade-{slug}", seed=seed, quiet=quiet)
