@@ -169,10 +169,14 @@ def test_combination_kinds():
     y = Combination("standardize", st, 3)(x)
     torch.testing.assert_close(y.std(0)[:5], torch.ones(5), atol=2e-2, rtol=0)
     router = {"pca_mean": torch.zeros(4), "pca_components": torch.eye(4)[:2]}  # the first 2 coordinates
-    sub = fit_combination(x, width=5, kind="subspace", n_blocks=3, router=router)
-    assert sub["components"].shape == (5, 6)  # 3 blocks x 2 basis dimensions, whitened to 5
-    z = Combination("subspace", sub, 3, (router["pca_mean"], router["pca_components"])).project(x)
+    x = torch.randn(20, 12, generator=torch.Generator().manual_seed(0)) * torch.arange(1, 13)
+    sub = fit_combination(x, width=6, kind="subspace", n_blocks=3, router=router, dtype=torch.float32)
+    assert sub["whiten"].shape == (21,) and sub["mean"].shape == (6,)  # 3 blocks x 2 dims: 6x6 triangle
+    comb = Combination("subspace", sub, 3, (router["pca_mean"], router["pca_components"]))
+    z = comb.project(x)
     assert torch.equal(z, x[:, [0, 1, 4, 5, 8, 9]])
+    w = comb(x)  # ZCA-whitened: identity covariance on the training data
+    torch.testing.assert_close(torch.cov(w.T.double()), torch.eye(6, dtype=torch.float64), atol=1e-3, rtol=0)
     with pytest.raises(maskpack.errors.ConfigError, match="needs the router"):
         fit_combination(x, width=4, kind="subspace", n_blocks=3)
     with pytest.raises(maskpack.errors.ConfigError, match="unknown combination 'dense'"):
@@ -286,7 +290,8 @@ def test_standardize_with_wrong_shapes_is_rejected(tmp_path):
 def test_unchanged_expert_tensors_cost_two_bytes(parts, tmp_path):
     """An expert equal to the dispatcher on a tensor stores an all-zero delta: 2 payload bytes."""
     first = next(iter(parts["d_masks"]))
-    e_masks = [{n: (m if n == first else parts["d_masks"][n]) for n, m in em.items()} for em in parts["e_masks"]]
+    e_masks = [{n: (m if n == first else parts["d_masks"][n]) for n, m in em.items()}
+               for em in parts["e_masks"]]
     rep = save_cascade(tmp_path / "c.mask", parts["net"], parts["d_masks"], parts["d_extras"], e_masks,
                        parts["e_extras"], parts["router"], parts["combine"], combine_kind=parts["kind"])
     payload = {t.name: t.length for t in maskpack.read(tmp_path / "c.mask").tensors}

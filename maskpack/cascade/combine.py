@@ -8,9 +8,11 @@ embedding exactly, so a saved and loaded cascade gives ``torch.equal`` embedding
 * ``standardize``: ``(x - mean) * scale`` per dimension (C wide); ``mean``, ``scale`` (C,).
 * ``subspace``: every block projected onto the router's PCA basis (``(b - pca_mean) @
   pca_components.T``, P dimensions; an all-zero block, as in the conditional mode, stays zero),
-  concatenated ((K + 1) * P) and whitened: ``((z - mean) @ components.T) * scale`` (W wide);
-  ``mean`` ((K+1)P,), ``components`` (W, (K+1)P), ``scale`` (W,). The basis is the router's,
-  already in the file.
+  concatenated (C = (K + 1) * P) and ZCA-whitened: ``(z - mean) @ M`` (C wide) with M the
+  symmetric (C, C) whitening matrix; ``mean`` (C,), ``whiten`` (C(C+1)/2,): M's upper triangle,
+  row-major, diagonal included. The basis is the router's, already in the file. (ZCA is PCA
+  whitening rotated back: cosine k-NN and an L2-regularised probe see the same geometry, and a
+  symmetric matrix stores in half the bytes.)
 * ``pca``: a whitened PCA, ``((x - mean) @ components.T) * scale`` (W wide); ``mean`` (C,),
   ``components`` (W, C), ``scale`` (W,). The dense one of version-1 files.
 
@@ -28,10 +30,10 @@ from ..errors import ConfigError
 KINDS: dict[str, tuple[str, ...]] = {
     "l2": (),
     "standardize": ("mean", "scale"),
-    "subspace": ("mean", "components", "scale"),
+    "subspace": ("mean", "whiten"),
     "pca": ("mean", "components", "scale"),
 }
-DEFAULT_KIND = "l2"
+DEFAULT_KIND = "subspace"
 #: stored dtypes accepted for the floating-point combination tensors
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -54,7 +56,10 @@ def shape_error(kind: str, params: dict[str, torch.Tensor], n_blocks: int, width
     if kind == "standardize":
         if params["mean"].shape != (c,) or params["scale"].shape != (c,):
             return f"mean and scale must have shape ({c},)"
-    elif kind in ("pca", "subspace"):
+    elif kind == "subspace":
+        if params["mean"].shape != (c,) or params["whiten"].shape != (c * (c + 1) // 2,):
+            return f"mean must have shape ({c},) and whiten ({c * (c + 1) // 2},)"
+    elif kind == "pca":
         comp = params["components"].shape
         if (params["mean"].shape != (c,) or len(comp) != 2 or comp[1] != c
                 or params["scale"].shape != (comp[0],)):
@@ -79,9 +84,15 @@ class Combination:
         self.kind = check_kind(kind)
         self.n_blocks = n_blocks
         self.t = {k: v.detach().float() for k, v in params.items()}
-        if kind in ("pca", "subspace"):  # (C, W), contiguous for the matmul
+        if kind == "pca":  # (C, W), contiguous for the matmul
             self.t["components"] = self.t["components"].t().contiguous()
         if kind == "subspace":
+            c = self.t["mean"].numel()
+            rows, cols = torch.triu_indices(c, c)
+            m = torch.zeros(c, c)
+            m[rows, cols] = self.t["whiten"]
+            m[cols, rows] = self.t["whiten"]
+            self.t["whiten"] = m
             if basis is None:
                 raise ConfigError("the subspace combination needs the router's PCA basis")
             self.t["basis_mean"] = basis[0].detach().float()
@@ -93,7 +104,9 @@ class Combination:
 
     def width(self, c: int) -> int:
         """Output width for ``c`` input columns."""
-        return int(self.t["components"].shape[1]) if self.kind in ("pca", "subspace") else c
+        if self.kind == "subspace":
+            return int(self.t["mean"].numel())
+        return int(self.t["components"].shape[1]) if self.kind == "pca" else c
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """``subspace``: each block on the router's basis, all-zero blocks kept zero: (N, (K+1)P)."""
@@ -112,5 +125,5 @@ class Combination:
         if self.kind == "standardize":
             return (x - t["mean"]) * t["scale"]
         if self.kind == "subspace":
-            x = self.project(x)
+            return (self.project(x) - t["mean"]) @ t["whiten"]
         return ((x - t["mean"]) @ t["components"]) * t["scale"]

@@ -77,8 +77,9 @@ def fit_combination(blocks: torch.Tensor, *, width: int, seed: int = 0, dtype: t
       components with a variance below 1e-9 of the largest are dropped (whitening would divide
       by ~0). ``components`` are stored in ``dtype``, ``mean`` and ``scale`` in float32.
     * ``standardize``: per-dimension mean and ``1 / std`` (0 for constant dimensions), in ``dtype``.
-    * ``subspace``: the blocks projected onto the router's PCA basis (as stored), then a
-      whitened PCA as for ``pca``.
+    * ``subspace``: the blocks projected onto the router's PCA basis (as stored), then a ZCA
+      whitening of the top ``width`` principal components: a symmetric matrix, stored as its
+      upper triangle (row-major, diagonal included) in ``dtype``, with the mean in ``dtype``.
     * ``l2``: nothing (``{}``).
 
     The cascade always uses the stored, rounded values, so training and loading agree exactly.
@@ -116,13 +117,23 @@ def fit_combination(blocks: torch.Tensor, *, width: int, seed: int = 0, dtype: t
             raise ConfigError("the subspace combination needs the router's tensors")
         from .combine import Combination
 
-        blocks = Combination(kind, {"mean": torch.zeros(1), "components": torch.zeros(1, 1),
-                                    "scale": torch.zeros(1)}, n_blocks,
-                             (router["pca_mean"], router["pca_components"])).project(blocks)
+        z = Combination(kind, {"mean": torch.zeros(1), "whiten": torch.zeros(1)}, n_blocks,
+                        (router["pca_mean"], router["pca_components"])).project(blocks)
+        pca, keep = _whitened_pca(z, width, seed)
+        comp = pca.components_[:keep]
+        m = comp.T @ (comp / np.sqrt(pca.explained_variance_[:keep])[:, None])  # ZCA: symmetric (C, C)
+        rows, cols = np.triu_indices(m.shape[0])
+        out = {"mean": torch.from_numpy(pca.mean_).to(dtype),
+               "whiten": torch.from_numpy(m[rows, cols].copy()).to(dtype)}
+        if not all(torch.isfinite(v).all() for v in out.values()):
+            raise DataError(f"the subspace whitening does not fit {dtype}: use --combine-dtype float32")
+        return out
     return _fit_pca(blocks, width, seed, dtype)
 
 
-def _fit_pca(blocks: torch.Tensor, width: int, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _whitened_pca(blocks: torch.Tensor, width: int, seed: int):
+    """A fitted scikit-learn PCA (capped at the rank) and how many components to keep (variance
+    above 1e-9 of the largest: whitening would divide by ~0)."""
     from sklearn.decomposition import PCA
 
     x = blocks.detach().to(torch.float64).numpy()
@@ -133,6 +144,12 @@ def _fit_pca(blocks: torch.Tensor, width: int, seed: int, dtype: torch.dtype) ->
     keep = int(np.count_nonzero(var > var[0] * 1e-9)) if var.size and var[0] > 0 else 0
     if keep == 0:
         raise DataError("the training embeddings have no variance: cannot fit the combination PCA")
+    return pca, keep
+
+
+def _fit_pca(blocks: torch.Tensor, width: int, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    pca, keep = _whitened_pca(blocks, width, seed)
+    var = pca.explained_variance_
     return {"mean": torch.from_numpy(pca.mean_.astype(np.float32)),
             "components": torch.from_numpy(pca.components_[:keep].copy()).to(dtype),
             "scale": torch.from_numpy((1.0 / np.sqrt(var[:keep])).astype(np.float32))}

@@ -84,7 +84,7 @@ class CascadeConfig:
     combine_dtype: str = "float16"
     router_dtype: str = "float16"
     expert_layers: str = DEFAULT_EXPERT_LAYERS
-    expert_bn: str = "adapt"
+    expert_bn: str = "frozen"
     probe: bool = True
     out: str = "runs/cascade"
     seed: int = 0

@@ -52,7 +52,7 @@ from . import handle_errors, main, parse_set
 @click.option("--expert-layers", default=DEFAULT_EXPERT_LAYERS, show_default=True,
               help="Which of the dispatcher's masked tensors the experts train: all or last:N "
                    "(the others keep the dispatcher's mask and cost ~nothing).")
-@click.option("--expert-bn", type=click.Choice(list(EXPERT_BN)), default="adapt", show_default=True,
+@click.option("--expert-bn", type=click.Choice(list(EXPERT_BN)), default="frozen", show_default=True,
               help="adapt: the BN layers after the experts' trained tensors adapt to the cluster "
                    "(stored per expert); frozen: experts use the dispatcher's BN statistics.")
 @click.option("--probe/--no-probe", default=True, show_default=True, help="Also fit linear probes.")
