@@ -86,7 +86,7 @@ def fit_combination(blocks: torch.Tensor, *, width: int, seed: int = 0, dtype: t
 
     Args:
         blocks: concatenated training features (N, C), C = ``n_blocks`` * F.
-        width: output width of ``pca`` / ``subspace`` (capped at the rank).
+        width: principal components kept by ``pca`` / ``subspace`` (capped at the rank).
         seed: the PCA's ``random_state``.
         dtype: float16 or float32, the stored precision.
         kind: one of :data:`maskpack.cascade.combine.KINDS`.

@@ -57,8 +57,9 @@ class CascadeConfig:
         combine: the combination (:data:`maskpack.cascade.combine.KINDS`): ``l2`` (blocks
             L2-normalised and concatenated, nothing stored), ``standardize`` or ``pca`` (the dense
             whitened PCA of version-1 files).
-        combine_width: output width of ``pca`` / ``subspace`` (capped at the training data's
-            rank); None: the dispatcher's width F for ``pca``, all (K+1)P for ``subspace``.
+        combine_width: principal components kept by ``pca`` (its output width) / ``subspace``
+            (capped at the training data's rank); None: the dispatcher's width F for ``pca``,
+            all (K+1)P for ``subspace``.
         combine_dtype: ``float16`` or ``float32`` for the stored combination tensors.
         router_dtype: ``float16``, ``float32`` or ``float64``: the router's stored precision (the
             routes are computed from the rounded values, in training as after loading).

@@ -39,12 +39,12 @@ from . import handle_errors, main, parse_set
 @click.option("--combine", "combine_kind", type=click.Choice(list(KINDS)), default=DEFAULT_KIND,
               show_default=True,
               help="How the K+1 feature blocks become one embedding: subspace (each block on the router's "
-                   "PCA basis, then a small whitened PCA), l2 (each block L2-normalised, concatenated; "
+                   "PCA basis, then a small ZCA whitening), l2 (each block L2-normalised, concatenated; "
                    "nothing stored), standardize (per-dimension mean and scale), pca (a dense whitened "
                    "PCA of all blocks: large).")
 @click.option("--combine-width", type=int, default=None,
-              help="Output width of the pca / subspace combination (default: the dispatcher's width "
-                   "for pca, all (K+1) x router-dim dimensions for subspace).")
+              help="Principal components kept by the pca / subspace combination (default: the "
+                   "dispatcher's width for pca, all (K+1) x router-dim for subspace).")
 @click.option("--combine-dtype", type=click.Choice(["float16", "float32"]), default="float16",
               show_default=True, help="Storage dtype of the combination's tensors.")
 @click.option("--router-dtype", type=click.Choice(["float16", "float32", "float64"]), default="float16",
