@@ -206,7 +206,10 @@ def test_shapes_and_modes(parts):
         for k in range(K):
             blk = cat[i, (k + 1) * f:(k + 2) * f]
             assert (blk.abs().sum() > 0) == (k == r)
-    torch.testing.assert_close(model(x, "conditional"), model.combine(cat, "conditional"))
+    # the forward pass runs each expert on its routed images only: float32 batch-size noise,
+    # amplified by the whitening
+    torch.testing.assert_close(model(x, "conditional"), model.combine(cat, "conditional"),
+                               atol=1e-4, rtol=1e-3)
     with pytest.raises(maskpack.errors.ConfigError, match="no 'bogus' combination"):
         model(x, "bogus")
 
@@ -303,7 +306,8 @@ def test_unchanged_expert_tensors_cost_two_bytes(parts, tmp_path):
                                          for k in range(K)]
 
 
-def test_experts_stored_as_deltas_cost_less(parts, tmp_path):
+def test_experts_stored_as_deltas_cost_less(tmp_path):
+    parts = _build("l2")
     rep = _save(parts, tmp_path / "c.mask")
     assert sum(rep["expert_delta_bytes"]) < sum(rep["expert_independent_bytes"])
     assert rep["masks_multiple"] < rep["masks_multiple_independent"]
