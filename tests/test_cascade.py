@@ -9,6 +9,7 @@ from conftest import TinyNet
 
 import maskpack
 from maskpack.cascade import (
+    FORMAT_VERSION,
     CascadeModel,
     _expert_config,
     fit_combination,
@@ -17,6 +18,8 @@ from maskpack.cascade import (
     load_cascade,
     save_cascade,
 )
+from maskpack.cascade.combine import DEFAULT_KIND, KINDS
+from maskpack.cascade.experts import expert_scope, expert_tensors
 from maskpack.cli import main
 from maskpack.errors import BackboneMismatchError, FormatError
 from maskpack.model import TaskModel
@@ -56,6 +59,11 @@ def _extras(net, shift=0.0):
 
 @pytest.fixture
 def parts():
+    """A small cascade over TinyNet with the default combination and a float16 router."""
+    return _build(DEFAULT_KIND)
+
+
+def _build(kind, router_dtype=torch.float16):
     """A small cascade over TinyNet: dispatcher, K experts (1% of bits flipped), router, combination."""
     net = _net()
     d_masks = _masks(net)
@@ -66,19 +74,21 @@ def parts():
     disp = rehydrate(net, d_masks, d_extras)
     experts = [rehydrate(net, m, e) for m, e in zip(e_masks, e_extras, strict=True)]
     d_tr = disp.features(x)
-    router = fit_router(d_tr, n_experts=K, dim=4, seed=0)
+    router = fit_router(d_tr, n_experts=K, dim=4, seed=0, dtype=router_dtype)
     blocks = [d_tr] + [e.features(x) for e in experts]
     routes = CascadeModel(disp, [], router, {}).route_features(d_tr)
-    combine = {"unconditional": fit_combination(torch.cat(blocks, 1), width=16),
-               "conditional": fit_combination(CascadeModel.conditional_blocks(blocks, routes), width=16)}
-    model = CascadeModel(disp, experts, router, combine)
+    fit = dict(width=16, kind=kind, n_blocks=K + 1, router=router)
+    combine = {"unconditional": fit_combination(torch.cat(blocks, 1), **fit),
+               "conditional": fit_combination(CascadeModel.conditional_blocks(blocks, routes), **fit)}
+    model = CascadeModel(disp, experts, router, combine, combine_kind=kind)
     return dict(net=net, d_masks=d_masks, e_masks=e_masks, d_extras=d_extras, e_extras=e_extras,
-                router=router, combine=combine, model=model, x=x)
+                router=router, combine=combine, model=model, x=x, kind=kind)
 
 
-def _save(parts, path):
+def _save(parts, path, **kw):
     return save_cascade(path, parts["net"], parts["d_masks"], parts["d_extras"], parts["e_masks"],
-                        parts["e_extras"], parts["router"], parts["combine"], metadata={"dataset": "test"})
+                        parts["e_extras"], parts["router"], parts["combine"], combine_kind=parts["kind"],
+                        metadata={"dataset": "test"}, **kw)
 
 
 # ----------------------------------------------------------------------------- router
@@ -103,6 +113,36 @@ def test_router_is_deterministic_and_matches_sklearn():
     assert torch.equal(routes, torch.from_numpy(gmm.predict(y.numpy())).long())
 
 
+def test_float16_router_routes_from_its_stored_values():
+    """Rounded by construction: the stored float16 parameters are what scikit-learn's mixture
+    predicts with, and what the training routes come from."""
+    from sklearn.mixture import GaussianMixture
+
+    feats = _blobs()
+    r16 = fit_router(feats, n_experts=K, dim=5, seed=3, dtype=torch.float16)
+    assert all(v.dtype == torch.float16 for v in r16.values())
+    routes = CascadeModel(TaskModel(torch.nn.Identity()), [], r16, {}).route_features(feats)
+    # scikit-learn's predict with exactly the stored (rounded) parameters
+    y = (feats.double() - r16["pca_mean"].double()) @ r16["pca_components"].double().t()
+    gmm = GaussianMixture(K, covariance_type="full")
+    gmm.means_ = r16["gmm_means"].double().numpy()
+    gmm.precisions_cholesky_ = r16["gmm_precisions_cholesky"].double().numpy()
+    gmm.weights_ = r16["gmm_weights"].double().numpy()
+    gmm.covariance_type = "full"
+    assert torch.equal(routes, torch.from_numpy(gmm.predict(y.numpy())).long())
+    # and it finds the same three blobs as the float64 router
+    r64 = fit_router(feats, n_experts=K, dim=5, seed=3)
+    routes64 = CascadeModel(TaskModel(torch.nn.Identity()), [], r64, {}).route_features(feats)
+    pairs = set(zip(routes.tolist(), routes64.tolist(), strict=True))
+    assert len(pairs) == K and sorted(torch.bincount(routes, minlength=K).tolist()) == [40, 40, 40]
+
+
+def test_router_overflowing_float16_is_an_error():
+    feats = _blobs() * 1e6  # the mean does not fit float16
+    with pytest.raises(maskpack.errors.DataError, match="does not fit torch.float16"):
+        fit_router(feats, n_experts=K, dim=5, dtype=torch.float16)
+
+
 def test_router_rejects_too_few_images():
     with pytest.raises(maskpack.errors.DataError, match="fewer experts"):
         fit_router(torch.randn(5, 8), n_experts=5)
@@ -112,6 +152,37 @@ def test_combination_width_is_capped_at_rank_and_finite():
     c = fit_combination(torch.randn(10, 64), width=32)
     assert c["components"].shape[0] <= 9 and c["components"].shape[1] == 64
     assert torch.isfinite(c["scale"]).all() and c["components"].dtype == torch.float16
+
+
+def test_combination_kinds():
+    from maskpack.cascade.combine import Combination
+
+    x = torch.randn(20, 12) * torch.arange(1, 13)
+    x[:, 5] = 3.0  # a constant column
+    assert fit_combination(x, width=4, kind="l2", n_blocks=3) == {}
+    out = Combination("l2", {}, 3)(x)
+    assert out.shape == (20, 12)
+    torch.testing.assert_close(out[:, :4].norm(dim=1), torch.ones(20))
+    assert torch.equal(Combination("l2", {}, 3)(torch.zeros(2, 12)), torch.zeros(2, 12))  # zero blocks stay 0
+    st = fit_combination(x, width=4, kind="standardize", n_blocks=3)
+    assert st["mean"].dtype == torch.float16 and st["scale"].shape == (12,) and float(st["scale"][5]) == 0
+    y = Combination("standardize", st, 3)(x)
+    torch.testing.assert_close(y.std(0)[:5], torch.ones(5), atol=2e-2, rtol=0)
+    router = {"pca_mean": torch.zeros(4), "pca_components": torch.eye(4)[:2]}  # the first 2 coordinates
+    x = torch.randn(20, 12, generator=torch.Generator().manual_seed(0)) * torch.arange(1, 13)
+    sub = fit_combination(x, width=6, kind="subspace", n_blocks=3, router=router, dtype=torch.float32)
+    assert sub["whiten"].shape == (21,) and sub["mean"].shape == (6,)  # 3 blocks x 2 dims: 6x6 triangle
+    comb = Combination("subspace", sub, 3, (router["pca_mean"], router["pca_components"]))
+    z = comb.project(x)
+    assert torch.equal(z, x[:, [0, 1, 4, 5, 8, 9]])
+    w = comb(x)  # ZCA-whitened: identity covariance on the training data
+    torch.testing.assert_close(torch.cov(w.T.double()), torch.eye(6, dtype=torch.float64), atol=1e-3, rtol=0)
+    with pytest.raises(maskpack.errors.ConfigError, match="needs the router"):
+        fit_combination(x, width=4, kind="subspace", n_blocks=3)
+    with pytest.raises(maskpack.errors.ConfigError, match="unknown combination 'dense'"):
+        fit_combination(x, width=4, kind="dense")
+    with pytest.raises(maskpack.errors.ConfigError, match="do not split into 5 blocks"):
+        fit_combination(x, width=4, kind="l2", n_blocks=5)
 
 
 # ----------------------------------------------------------------------------- module
@@ -135,7 +206,10 @@ def test_shapes_and_modes(parts):
         for k in range(K):
             blk = cat[i, (k + 1) * f:(k + 2) * f]
             assert (blk.abs().sum() > 0) == (k == r)
-    torch.testing.assert_close(model(x, "conditional"), model.combine(cat, "conditional"))
+    # the forward pass runs each expert on its routed images only: float32 batch-size noise,
+    # amplified by the whitening
+    torch.testing.assert_close(model(x, "conditional"), model.combine(cat, "conditional"),
+                               atol=1e-4, rtol=1e-3)
     with pytest.raises(maskpack.errors.ConfigError, match="no 'bogus' combination"):
         model(x, "bogus")
 
@@ -152,31 +226,97 @@ def test_expert_config_gives_about_the_dispatcher_steps():
 # ----------------------------------------------------------------------------- storage
 
 
-def test_round_trip_is_bit_identical(parts, tmp_path):
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_round_trip_is_bit_identical(kind, tmp_path):
+    parts = _build(kind)
     path = tmp_path / "c.mask"
-    _save(parts, path)
+    rep = _save(parts, path)
+    assert rep["combine"] == kind and rep["router_dtype"] == "float16"
+    assert (rep["combine_bytes"] == 0) == (kind == "l2")
     loaded = load_cascade(path, parts["net"])
     x = parts["x"]
     for mode in ("unconditional", "conditional"):
         assert torch.equal(loaded(x, mode), parts["model"](x, mode)), mode
     assert torch.equal(loaded.route(x), parts["model"].route(x))
     assert is_cascade(path) and loaded.metadata["dataset"] == "test"
+    assert loaded.combine_kind == kind and loaded.router_dtype == torch.float16
     mf = maskpack.read(path)  # an ordinary, valid .mask container
     assert mf.metadata["cascade.format"] == "maskpack-cascade" and mf.codec == "ans"
+    assert mf.metadata["cascade.version"] == FORMAT_VERSION == "2" and mf.metadata["cascade.combine"] == kind
     assert len(mf.tensors) == (K + 1) * len(parts["d_masks"])
     # same inputs, same bytes
     _save(parts, tmp_path / "again.mask")
     assert (tmp_path / "again.mask").read_bytes() == path.read_bytes()
 
 
-def test_experts_stored_as_deltas_cost_less(parts, tmp_path):
+def test_version_1_file_with_the_dense_pca_still_loads(tmp_path):
+    """A version-1 file: dense whitened-PCA combination, float64 router, no 'cascade.combine'."""
+    parts = _build("pca", router_dtype=torch.float64)
+    path = tmp_path / "v1.mask"
+    _save(parts, path, version="1")
+    meta = maskpack.read(path).metadata
+    assert meta["cascade.version"] == "1" and "cascade.combine" not in meta
+    loaded = load_cascade(path, parts["net"])
+    assert loaded.combine_kind == "pca" and loaded.router_dtype == torch.float64
+    for mode in ("unconditional", "conditional"):
+        assert torch.equal(loaded(parts["x"], mode), parts["model"](parts["x"], mode)), mode
+    with pytest.raises(maskpack.errors.ConfigError, match="version 1 holds only the pca combination"):
+        _save(_build("l2"), tmp_path / "bad.mask", version="1")
+
+
+def test_unknown_version_or_combination_is_rejected(parts, tmp_path):
+    from maskpack import io
+
+    path = tmp_path / "c.mask"
+    _save(parts, path)
+    mf = maskpack.read(path)
+    masks = {**mf.masks(parts["net"])}
+    for key, value, message in [("cascade.version", "3", "cascade version '3' is not supported"),
+                                ("cascade.combine", "dense", "unknown combination 'dense'")]:
+        meta = dict(mf.metadata, **{key: value})
+        bad = tmp_path / f"{value}.mask"
+        io.write_atomic(bad, io.to_bytes(masks, parts["net"], extras=mf.extras, metadata=meta, codec="ans"))
+        with pytest.raises(FormatError, match=message):
+            load_cascade(bad, parts["net"])
+
+
+def test_standardize_with_wrong_shapes_is_rejected(tmp_path):
+    parts = _build("standardize")
+    combine = {m: dict(p, scale=p["scale"][:-1]) for m, p in parts["combine"].items()}
+    path = tmp_path / "c.mask"
+    save_cascade(path, parts["net"], parts["d_masks"], parts["d_extras"], parts["e_masks"], parts["e_extras"],
+                 parts["router"], combine, combine_kind="standardize")
+    with pytest.raises(FormatError, match=r"combination 'unconditional' \(standardize\) mean and scale"):
+        load_cascade(path, parts["net"])
+
+
+def test_unchanged_expert_tensors_cost_two_bytes(parts, tmp_path):
+    """An expert equal to the dispatcher on a tensor stores an all-zero delta: 2 payload bytes."""
+    first = next(iter(parts["d_masks"]))
+    e_masks = [{n: (m if n == first else parts["d_masks"][n]) for n, m in em.items()}
+               for em in parts["e_masks"]]
+    rep = save_cascade(tmp_path / "c.mask", parts["net"], parts["d_masks"], parts["d_extras"], e_masks,
+                       parts["e_extras"], parts["router"], parts["combine"], combine_kind=parts["kind"])
+    payload = {t.name: t.length for t in maskpack.read(tmp_path / "c.mask").tensors}
+    for k in range(K):
+        for n in parts["d_masks"]:
+            if n != first:
+                assert payload[f"expert{k + 1}/{n}"] == 2
+    assert rep["expert_delta_bytes"] == [payload[f"expert{k + 1}/{first}"] + 2 * (len(parts["d_masks"]) - 1)
+                                         for k in range(K)]
+
+
+def test_experts_stored_as_deltas_cost_less(tmp_path):
+    parts = _build("l2")
     rep = _save(parts, tmp_path / "c.mask")
     assert sum(rep["expert_delta_bytes"]) < sum(rep["expert_independent_bytes"])
     assert rep["masks_multiple"] < rep["masks_multiple_independent"]
     assert rep["masks_multiple"] < K + 1
     # only expert 1 changed a BN statistic: only that tensor is stored for the experts
     assert rep["expert_extras_bytes"] == parts["e_extras"][0]["backbone.bn1.running_mean"].numel() * 4
-    # the file without the combination PCAs is measured, not estimated from raw sizes
+    # the file without the combination tensors is measured, not estimated from raw sizes
+    assert rep["combine_bytes"] == 0 and rep["file_bytes_without_combine"] == rep["file_bytes"]  # l2
+    rep = _save(_build("pca"), tmp_path / "pca.mask")
     assert 0 < rep["file_bytes_without_combine"] < rep["file_bytes"]
     assert rep["file_multiple_without_combine"] > 0
 
@@ -214,10 +354,10 @@ def test_bad_inputs(parts, tmp_path):
 
 
 def test_inconsistent_router_is_rejected(parts, tmp_path):
-    router = dict(parts["router"], gmm_weights=torch.ones(K + 1, dtype=torch.float64) / (K + 1))
+    router = dict(parts["router"], gmm_weights=torch.ones(K + 1, dtype=torch.float16) / (K + 1))
     path = tmp_path / "c.mask"
     save_cascade(path, parts["net"], parts["d_masks"], parts["d_extras"], parts["e_masks"],
-                 parts["e_extras"], router, parts["combine"])
+                 parts["e_extras"], router, parts["combine"], combine_kind=parts["kind"])
     with pytest.raises(FormatError, match="router tensors have inconsistent shapes"):
         load_cascade(path, parts["net"])
 
@@ -234,6 +374,42 @@ def test_cli_errors(args, message, tmp_path):
     res = CliRunner().invoke(main, ["cascade", "--quiet", "--out", str(tmp_path / "c"), *args])
     assert res.exit_code == 1
     assert message in res.output
+
+
+def test_cli_rejects_bad_expert_layers(tmp_path):
+    res = CliRunner().invoke(main, ["cascade", "--quiet", "--expert-layers", "first:2",
+                                    "--out", str(tmp_path / "c")])
+    assert res.exit_code == 1
+    assert "bad --expert-layers 'first:2': use all or last:N" in res.output
+
+
+def test_expert_tensors():
+    names = ["a", "b", "c", "d"]
+    assert expert_tensors("all", names) == names
+    assert expert_tensors("last:2", names) == ["c", "d"] and expert_tensors("last:9", names) == names
+    with pytest.raises(maskpack.errors.ConfigError, match="use all or last:N"):
+        expert_tensors("last:0", names)
+
+
+@pytest.mark.parametrize("bn", ["adapt", "frozen"])
+def test_expert_scope_freezes_other_tensors_and_starts_from_dispatcher_bn(bn):
+    from types import SimpleNamespace
+
+    from maskpack import masking
+
+    net = _net()
+    masking.apply_masks_(net)
+    model = TaskModel(net)
+    names = list(masking.score_masks(net))
+    extras = {"backbone.bn2.running_mean": torch.full((32,), 0.25)}
+    parts = SimpleNamespace(adapt_bn_names=["bn1", "bn2"])
+    state = SimpleNamespace(model=model, parts=parts, config=SimpleNamespace(bn_mode="masked"))
+    expert_scope(names[-2:], bn, extras)("train_start", {"state": state})
+    assert [masking.score_masks(net)[n].scores.requires_grad for n in names] == [False, True, True]
+    assert parts.adapt_bn_names == ([] if bn == "frozen" else ["bn2"])  # the BN after 'dw' only
+    assert torch.equal(net.bn2.running_mean, torch.full((32,), 0.25))
+    with pytest.raises(maskpack.errors.ConfigError, match="not masked by the dispatcher"):
+        expert_scope(["nope.weight"], bn, None)("train_start", {"state": state})
 
 
 def test_cli_help_has_example():
@@ -256,7 +432,7 @@ def test_end_to_end_on_lite0(tmp_path, lite0):
                         train_indices=list(range(96)), quiet=True, probe=False)
     res = train_cascade(cfg)
     assert sum(res.clusters) == 96 and len(res.clusters) == 2
-    assert {"dispatcher", "dispatcher_whitened", "unconditional", "conditional"} <= set(res.metrics)
+    assert {"dispatcher", "dispatcher_combined", "unconditional", "conditional"} <= set(res.metrics)
     info = json.loads((tmp_path / "c" / "cascade.json").read_text())
     assert info["cluster_sizes"] == res.clusters
     loaded = load_cascade(res.path, lite0)
@@ -288,6 +464,6 @@ def test_cascade_follows_to_device_and_keeps_router_dtype(parts, tmp_path):
     path = tmp_path / "c.mask"
     _save(parts, path)
     loaded = load_cascade(path, parts["net"]).to("cpu").float()
-    assert loaded.router["pca_mean"].dtype == torch.float64
+    assert loaded.router["pca_mean"].dtype == torch.float64  # routing computes in float64
     x = parts["x"]
     assert torch.equal(loaded(x, "unconditional"), parts["model"](x, "unconditional"))

@@ -4,8 +4,9 @@
   its mask with the dispatcher's (``expert<k>/<name>``, right after ``<name>``), coded with the
   same backbone-conditioned coder;
 * extras: ``dispatcher/<name>``, ``expert<k>/<name>`` (only what differs from the dispatcher's),
-  ``router/<name>``, ``combine/<mode>/<name>``;
-* metadata: ``cascade.format``, ``cascade.version``, ``cascade.experts``, ``cascade.modes``.
+  ``router/<name>`` (float16, float32 or float64), ``combine/<mode>/<name>`` (:mod:`.combine`);
+* metadata: ``cascade.format``, ``cascade.version``, ``cascade.experts``, ``cascade.modes``,
+  ``cascade.combine`` (the combination's kind; version 1 files have none and mean ``pca``).
 """
 
 from __future__ import annotations
@@ -17,12 +18,16 @@ from typing import Any
 import torch
 
 from .. import io
-from ..errors import FormatError
+from ..errors import ConfigError, FormatError
+from .combine import KINDS, check_kind, shape_error
 from .model import MODES, CascadeModel
 
 FORMAT = "maskpack-cascade"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+#: versions this maskpack reads: 1 (dense whitened-PCA combination only) and 2 (``cascade.combine``)
+READ_VERSIONS = ("1", "2")
 CODEC = "ans"
+ROUTER_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 
 def _expert_extras(disp: dict[str, torch.Tensor], expert: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -60,19 +65,39 @@ def _stored_extras(dispatcher_extras, expert_extras, router, combine) -> dict[st
 def save_cascade(path: str | os.PathLike, backbone, dispatcher_masks: dict[str, torch.Tensor],
                  dispatcher_extras: dict[str, torch.Tensor], expert_masks: list[dict[str, torch.Tensor]],
                  expert_extras: list[dict[str, torch.Tensor]], router: dict[str, torch.Tensor],
-                 combine: dict[str, dict[str, torch.Tensor]], *,
-                 metadata: dict[str, str] | None = None) -> dict[str, Any]:
+                 combine: dict[str, dict[str, torch.Tensor]], *, combine_kind: str = "pca",
+                 metadata: dict[str, str] | None = None, version: str = FORMAT_VERSION) -> dict[str, Any]:
     """Write a cascade as one ``.mask`` file (atomically).
+
+    Args:
+        path: the file to write.
+        backbone: the frozen backbone (module or :class:`maskpack.Backbone`).
+        dispatcher_masks, dispatcher_extras: the dispatcher's masks and extras.
+        expert_masks, expert_extras: each expert's (the same masked tensors as the dispatcher).
+        router: the router tensors (stored in their own dtype).
+        combine: per mode, the combination's tensors.
+        combine_kind: the combination (:data:`maskpack.cascade.combine.KINDS`).
+        metadata: extra string metadata.
+        version: ``"2"``, or ``"1"`` for readers that know only the dense ``pca`` combination.
 
     Returns:
         The storage report (bytes of each part and the cost as a multiple of one mask), see
         :func:`storage_report`.
+
+    Raises:
+        ConfigError: an unknown kind or version, or version 1 with another kind than ``pca``.
     """
+    check_kind(combine_kind)
+    if version not in READ_VERSIONS or (version == "1" and combine_kind != "pca"):
+        raise ConfigError(f"cannot write cascade version {version!r} with combination {combine_kind!r}: "
+                          f"use version {FORMAT_VERSION} (version 1 holds only the pca combination)")
     masks = _stored_masks(dispatcher_masks, expert_masks)
     tensors = _stored_extras(dispatcher_extras, expert_extras, router, combine)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    meta.update({"cascade.format": FORMAT, "cascade.version": FORMAT_VERSION,
+    meta.update({"cascade.format": FORMAT, "cascade.version": version,
                  "cascade.experts": str(len(expert_masks)), "cascade.modes": ",".join(combine)})
+    if version != "1":
+        meta["cascade.combine"] = combine_kind
     data = io.to_bytes(masks, backbone, extras=tensors, metadata=meta, codec=CODEC)
     io.write_atomic(path, data)
     # the same file without the combination PCAs (built, not written): extras are compressed as
@@ -83,8 +108,11 @@ def save_cascade(path: str | os.PathLike, backbone, dispatcher_masks: dict[str, 
     sizes = {"dispatcher": sum(payload[n] for n in dispatcher_masks),
              "experts": [sum(payload[f"expert{k + 1}/{n}"] for n in dispatcher_masks)
                          for k in range(len(expert_masks))]}
-    return storage_report(backbone, dispatcher_masks, dispatcher_extras, expert_masks, sizes, tensors,
-                          len(data), without)
+    report = storage_report(backbone, dispatcher_masks, dispatcher_extras, expert_masks, sizes, tensors,
+                            len(data), without)
+    report.update(combine=combine_kind, router_dtype=str(next(iter(router.values())).dtype).removeprefix(
+        "torch.") if router else None, version=version)
+    return report
 
 
 def _nbytes(tensors: dict[str, torch.Tensor], prefix: str) -> int:
@@ -135,6 +163,18 @@ def is_cascade(path: str | os.PathLike) -> bool:
         return False
 
 
+def combine_kind_of(mf: io.MaskFile) -> str:
+    """The combination kind of an opened cascade file (version 1: ``pca``)."""
+    meta = mf.metadata
+    if meta.get("cascade.version") == "1":
+        return "pca"
+    kind = meta.get("cascade.combine", "")
+    if kind not in KINDS:
+        raise FormatError(f"{mf.path}: unknown combination {kind!r} in metadata 'cascade.combine' "
+                          f"(this maskpack knows {', '.join(KINDS)}): upgrade maskpack")
+    return kind
+
+
 def read_cascade(path: str | os.PathLike) -> tuple[io.MaskFile, int, list[str]]:
     """Open a cascade file: its :class:`maskpack.io.MaskFile`, number of experts and modes.
 
@@ -145,9 +185,9 @@ def read_cascade(path: str | os.PathLike) -> tuple[io.MaskFile, int, list[str]]:
     meta = mf.metadata
     if meta.get("cascade.format") != FORMAT:
         raise FormatError(f"{path} is a .mask file but not a cascade: load it with maskpack.load")
-    if meta.get("cascade.version") != FORMAT_VERSION:
+    if meta.get("cascade.version") not in READ_VERSIONS:
         raise FormatError(f"{path}: cascade version {meta.get('cascade.version')!r} is not supported "
-                          f"(this maskpack reads {FORMAT_VERSION}): upgrade maskpack")
+                          f"(this maskpack reads {', '.join(READ_VERSIONS)}): upgrade maskpack")
     if mf.codec != CODEC:
         raise FormatError(f"{path}: cascade masks must use codec {CODEC!r}, got {mf.codec!r}")
     try:
@@ -192,12 +232,12 @@ def _split_extras(mf: io.MaskFile, k: int, modes: list[str]):
     experts = [{**disp, **group(f"expert{i + 1}/")} for i in range(k)]
     router = group("router/")
     combine = {m: group(f"combine/{m}/") for m in modes}
-    _check_params(mf.path, router, combine, k)
+    _check_params(mf.path, router, combine, k, combine_kind_of(mf))
     return disp, experts, router, combine
 
 
 def _check_params(path: str, router: dict[str, torch.Tensor], combine: dict[str, dict[str, torch.Tensor]],
-                  k: int) -> None:
+                  k: int, kind: str) -> None:
     need = {"pca_mean", "pca_components", "gmm_means", "gmm_precisions_cholesky", "gmm_weights"}
     if set(router) != need:
         raise FormatError(f"{path}: router tensors must be {sorted(need)}, got {sorted(router)}")
@@ -208,12 +248,12 @@ def _check_params(path: str, router: dict[str, torch.Tensor], combine: dict[str,
           and tuple(router["gmm_weights"].shape) == (k,))
     if not ok:
         raise FormatError(f"{path}: router tensors have inconsistent shapes for {k} experts")
+    if any(v.dtype not in ROUTER_DTYPES for v in router.values()):
+        raise FormatError(f"{path}: router tensors must be float16, float32 or float64")
     for mode, params in combine.items():
-        if set(params) != {"mean", "components", "scale"}:
-            raise FormatError(f"{path}: combination {mode!r} needs mean, components and scale")
-        c, comp, s = params["mean"].shape, params["components"].shape, params["scale"].shape
-        if len(comp) != 2 or c != ((k + 1) * f[0],) or comp[1] != c[0] or s != (comp[0],):
-            raise FormatError(f"{path}: combination {mode!r} has inconsistent shapes")
+        err = shape_error(kind, params, k + 1, f[0], p[0])
+        if err:
+            raise FormatError(f"{path}: combination {mode!r} ({kind}) {err}")
 
 
 def load_cascade(path: str | os.PathLike, backbone=None, *, mode: str | None = None) -> CascadeModel:
@@ -249,7 +289,8 @@ def load_cascade(path: str | os.PathLike, backbone=None, *, mode: str | None = N
     d_extras, e_extras, router, combine = _split_extras(mf, k, modes)
     disp = rehydrate(backbone, d_masks, d_extras, scale=mf.scale)
     experts = [rehydrate(backbone, m, x, scale=mf.scale) for m, x in zip(e_masks, e_extras, strict=True)]
-    model = CascadeModel(disp, experts, router, combine, mode=mode or modes[0])
+    model = CascadeModel(disp, experts, router, combine, mode=mode or modes[0],
+                         combine_kind=combine_kind_of(mf))
     model._mode(mode)  # an unknown mode is an error now, not at the first forward
     model.metadata = dict(mf.metadata)
     return model

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..model import TaskModel
+from .combine import Combination
 
 MODES = ("unconditional", "conditional")
 
@@ -23,11 +24,12 @@ class CascadeModel(nn.Module):
     Args:
         dispatcher: the dispatcher's :class:`TaskModel` (eval mode, baked weights).
         experts: K expert :class:`TaskModel` s.
-        router: float64 tensors ``pca_mean`` (F,), ``pca_components`` (P, F), ``gmm_means``
-            (K, P), ``gmm_precisions_cholesky`` (K, P, P), ``gmm_weights`` (K,).
-        combine: per mode, ``mean`` (C,) float32, ``components`` (W, C) float16/32 and
-            ``scale`` (W,) float32 (``1 / sqrt(explained variance)``); C = (K + 1) * F.
+        router: tensors ``pca_mean`` (F,), ``pca_components`` (P, F), ``gmm_means`` (K, P),
+            ``gmm_precisions_cholesky`` (K, P, P), ``gmm_weights`` (K,), in their stored dtype
+            (float16, float32 or float64); routing computes in float64 from the stored values.
+        combine: per mode, the combination's tensors (:mod:`.combine`; none for ``l2``).
         mode: the default mode of :meth:`forward`.
+        combine_kind: the combination, one of :data:`maskpack.cascade.combine.KINDS`.
 
     Forward: ``(N, 3, H, W)`` normalised images -> ``(N, W)`` embeddings. The module does no
     training-time work: everything is a fixed function of the stored tensors, so a cascade
@@ -35,14 +37,18 @@ class CascadeModel(nn.Module):
     """
 
     def __init__(self, dispatcher: TaskModel, experts: list[TaskModel], router: dict[str, torch.Tensor],
-                 combine: dict[str, dict[str, torch.Tensor]], mode: str | None = None):
+                 combine: dict[str, dict[str, torch.Tensor]], mode: str | None = None,
+                 combine_kind: str = "pca"):
         super().__init__()
         self.dispatcher = dispatcher.eval()
         self.experts = nn.ModuleList(e.eval() for e in experts)
+        self.router_dtype = next(iter(router.values())).dtype if router else torch.float64
         self.router = {k: v.detach().to(torch.float64) for k, v in router.items()}
+        self.combine_kind = combine_kind
         self.combine_params = {m: {k: v.detach() for k, v in p.items()} for m, p in combine.items()}
-        # The forward pass uses float32 copies of the stored projection (exact for float16 input).
-        self._proj = {m: (p["mean"].float(), p["components"].float().t().contiguous(), p["scale"].float())
+        # float32 copies of the stored tensors (exact for float16 input)
+        basis = (self.router["pca_mean"], self.router["pca_components"]) if router else None
+        self._proj = {m: Combination(combine_kind, p, len(experts) + 1, basis)
                       for m, p in self.combine_params.items()}
         prec = self.router["gmm_precisions_cholesky"]  # (K, P, P)
         self._log_det = torch.log(torch.diagonal(prec, dim1=1, dim2=2)).sum(1)  # (K,)
@@ -56,7 +62,7 @@ class CascadeModel(nn.Module):
         super()._apply(fn, recurse)
         dev = next(self.dispatcher.parameters()).device
         self.router = {k: v.to(dev) for k, v in self.router.items()}
-        self._proj = {m: tuple(t.to(dev) for t in p) for m, p in self._proj.items()}
+        self._proj = {m: p.to(dev) for m, p in self._proj.items()}
         self._log_det, self._mu_prec = self._log_det.to(dev), self._mu_prec.to(dev)
         return self
 
@@ -74,7 +80,8 @@ class CascadeModel(nn.Module):
         return int(self.router["pca_mean"].numel())
 
     def embed_dim(self, mode: str | None = None) -> int:
-        return int(self._proj[self._mode(mode)][1].shape[1])
+        """Width of the embedding of ``mode``."""
+        return self._proj[self._mode(mode)].width((self.num_experts + 1) * self.feature_dim)
 
     def _mode(self, mode: str | None) -> str:
         mode = mode or self.mode
@@ -103,9 +110,8 @@ class CascadeModel(nn.Module):
 
     @torch.no_grad()
     def combine(self, blocks: torch.Tensor, mode: str | None = None) -> torch.Tensor:
-        """Whitened PCA of concatenated blocks ``(N, (K+1)*F)`` -> ``(N, W)``."""
-        mean, comp_t, scale = self._proj[self._mode(mode)]
-        return ((blocks.float() - mean) @ comp_t) * scale
+        """The combination of concatenated blocks ``(N, (K+1)*F)`` -> ``(N, W)``."""
+        return self._proj[self._mode(mode)](blocks)
 
     @staticmethod
     def conditional_blocks(blocks: list[torch.Tensor], routes: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,8 @@
    K-way Gaussian mixture (:mod:`.fit`).
 3. **Experts**: per cluster, a mask initialised from the dispatcher's scores (and SwAV head),
    trained on that cluster's images for about the dispatcher's number of steps.
-4. **Combination**: a whitened PCA of ``[D, E1..EK]`` (unconditional) or of the routed expert's
-   block only (conditional), fitted on the training set; k-NN and probe on the test split.
+4. **Combination** of ``[D, E1..EK]`` (unconditional) or of the dispatcher's and the routed
+   expert's blocks only (conditional), :mod:`.combine`; k-NN and probe on the test split.
 5. **Storage**: one ``.mask`` file (:mod:`.format`).
 
 Example:
@@ -32,7 +32,9 @@ from torch import nn
 from .. import distributed, io
 from ..errors import ConfigError, DataError, FormatError
 from ..model import TaskModel
-from .fit import fit_combination, fit_router
+from .combine import DEFAULT_KIND, DTYPES, check_kind
+from .experts import DEFAULT_EXPERT_LAYERS, check_expert_bn, expert_scope, expert_tensors
+from .fit import ROUTER_DTYPES, fit_combination, fit_router
 from .format import load_cascade, read_cascade, save_cascade
 from .model import MODES, CascadeModel
 
@@ -52,7 +54,20 @@ class CascadeConfig:
         router_dim: PCA dimensions before the mixture.
         expert_steps: optimiser steps per expert (default: the dispatcher's total steps).
         modes: combinations to fit, evaluate and store.
-        combine_dtype: ``float16`` or ``float32`` for the stored combination PCA components.
+        combine: the combination (:data:`maskpack.cascade.combine.KINDS`): ``l2`` (blocks
+            L2-normalised and concatenated, nothing stored), ``standardize`` or ``pca`` (the dense
+            whitened PCA of version-1 files).
+        combine_width: principal components kept by ``pca`` (its output width) / ``subspace``
+            (capped at the training data's rank); None: the dispatcher's width F for ``pca``,
+            all (K+1)P for ``subspace``.
+        combine_dtype: ``float16`` or ``float32`` for the stored combination tensors.
+        router_dtype: ``float16``, ``float32`` or ``float64``: the router's stored precision (the
+            routes are computed from the rounded values, in training as after loading).
+        expert_layers: which of the dispatcher's masked tensors the experts train: ``all`` or
+            ``last:N``; the others keep the dispatcher's mask (their XOR deltas are all zero).
+        expert_bn: ``adapt``: the BN layers right after the experts' trained tensors adapt to the
+            cluster (under the dispatcher's ``bn_mode``; stored per expert); ``frozen``: experts
+            use the dispatcher's BN statistics (nothing stored).
         probe: also fit logistic-regression probes (k-NN is always computed).
         out: directory for the dispatcher / expert runs, ``cascade.mask`` and ``cascade.json``.
         seed: router seed (the training runs use ``train.seed``).
@@ -65,7 +80,12 @@ class CascadeConfig:
     router_dim: int = 20
     expert_steps: int | None = None
     modes: tuple[str, ...] = MODES
+    combine: str = DEFAULT_KIND
+    combine_width: int | None = None
     combine_dtype: str = "float16"
+    router_dtype: str = "float16"
+    expert_layers: str = DEFAULT_EXPERT_LAYERS
+    expert_bn: str = "frozen"
     probe: bool = True
     out: str = "runs/cascade"
     seed: int = 0
@@ -129,13 +149,17 @@ def default_train_config(**overrides):
     return TrainConfig(**base)
 
 
-def _run_dir_task(out: Path, config, init_scores=None, callbacks=()) -> _Task:
-    """Train (or finish / reuse) the run in ``out``: resumes when a checkpoint is there."""
+def _run_dir_task(out: Path, config, init_scores=None, callbacks=(), scope=None) -> _Task:
+    """Train (or finish / reuse) the run in ``out``: resumes when a checkpoint is there.
+
+    ``callbacks`` run on a fresh start only; ``scope(fresh)`` builds one that runs either way.
+    """
     from ..train import run
 
     resume = (out / "checkpoint.pt").exists()
     config = dataclasses.replace(config, out=str(out), resume=resume)
-    r = run(config, callbacks if not resume else (), init_scores=None if resume else init_scores)
+    cbs = [*(callbacks if not resume else ()), *([scope(not resume)] if scope else [])]
+    r = run(config, cbs, init_scores=None if resume else init_scores)
     if not r.history:
         raise ConfigError(f"{out}: the run holds no finished epoch")
     steps = int(r.history[-1]["step"])
@@ -178,8 +202,9 @@ def _scores_from_masks(masks: dict[str, torch.Tensor], init: float) -> dict[str,
     return {k: torch.where(m, torch.tensor(init), torch.tensor(-init)).float() for k, m in masks.items()}
 
 
-def _expert_config(disp, indices: list[int], steps: int, seed: int):
-    """The dispatcher's config on one cluster, with enough epochs for ~``steps`` steps."""
+def _expert_config(disp, indices: list[int], steps: int, seed: int, expert_bn: str = "adapt"):
+    """The dispatcher's config on one cluster, with enough epochs for ~``steps`` steps
+    (``expert_bn="frozen"``: no BN layer adapts or is re-estimated)."""
     n, b = len(indices), disp.batch_size
     per_epoch = max(1, n // b) if n >= b else 1
     if disp.max_steps_per_epoch:
@@ -189,8 +214,9 @@ def _expert_config(disp, indices: list[int], steps: int, seed: int):
     if isinstance(disp.warmup, (int, float)):
         warm = float(disp.warmup) / max(disp.epochs, 1) * epochs
     # the expert starts from the dispatcher's trained SwAV head: no head-only phase
+    bn = {"bn_mode": "masked", "bn_reestimate": False} if expert_bn == "frozen" else {}
     return dataclasses.replace(disp, train_indices=list(indices), epochs=epochs, warmup=warm,
-                               head_only_epochs=0.0,
+                               head_only_epochs=0.0, **bn,
                                eval_every=0, eval_knn="never", probe=False, stop_after=None,
                                resume=False, seed=seed), epochs * per_epoch
 
@@ -250,10 +276,9 @@ def _check_clusters(routes: torch.Tensor, k: int) -> list[int]:
     return sizes
 
 
-def _dtype(name: str) -> torch.dtype:
-    table = {"float16": torch.float16, "float32": torch.float32}
+def _dtype(name: str, table: dict[str, torch.dtype], what: str) -> torch.dtype:
     if name not in table:
-        raise ConfigError(f"combine dtype {name!r}: use float16 or float32")
+        raise ConfigError(f"{what} {name!r}: use {', '.join(table)}")
     return table[name]
 
 
@@ -264,13 +289,18 @@ def _config_json(c: CascadeConfig) -> dict[str, Any]:
     return d
 
 
-def _check(c: CascadeConfig) -> torch.dtype:
+def _check(c: CascadeConfig) -> tuple[torch.dtype, torch.dtype]:
+    """Validate the cascade options; returns the combination's and the router's stored dtypes."""
     if c.experts < 1:
         raise ConfigError(f"--experts must be at least 1, got {c.experts}")
     bad = [m for m in c.modes if m not in MODES]
     if bad or not c.modes:
         raise ConfigError(f"unknown combination mode(s) {bad}: use {', '.join(MODES)}")
-    return _dtype(c.combine_dtype)
+    check_kind(c.combine)
+    check_expert_bn(c.expert_bn)
+    expert_tensors(c.expert_layers, [])  # syntax only; the names are the dispatcher's
+    return (_dtype(c.combine_dtype, DTYPES, "combine dtype"),
+            _dtype(c.router_dtype, ROUTER_DTYPES, "router dtype"))
 
 
 def _dispatcher_stage(c: CascadeConfig, out: Path, log: Log) -> tuple[_Task, Any]:
@@ -295,12 +325,20 @@ def _experts_stage(c: CascadeConfig, out: Path, disp: _Task, dcfg, train_idx: li
                    routes_tr: torch.Tensor, log: Log) -> list[_Task]:
     steps = c.expert_steps or disp.steps or dcfg.epochs * max(1, len(train_idx) // dcfg.batch_size)
     init = disp.scores if disp.scores is not None else _scores_from_masks(disp.masks, dcfg.score_init)
+    trained = expert_tensors(c.expert_layers, list(disp.masks))
+    log(f"experts train {len(trained)} of the dispatcher's {len(disp.masks)} masked tensors; "
+        f"BN {c.expert_bn}")
+
+    def scope(fresh: bool):
+        return expert_scope(trained, c.expert_bn, disp.extras if fresh else None)
+
     experts = []
     for k in range(c.experts):
         idx = [train_idx[i] for i in (routes_tr == k).nonzero().flatten().tolist()]
-        ecfg, n_steps = _expert_config(dcfg, idx, steps, dcfg.seed)
+        ecfg, n_steps = _expert_config(dcfg, idx, steps, dcfg.seed, c.expert_bn)
         log(f"expert {k + 1}/{c.experts}: {len(idx)} images, {ecfg.epochs} epochs (~{n_steps} steps)")
-        experts.append(_run_dir_task(out / f"expert{k + 1}", ecfg, init, [_load_objective(disp.objective)]))
+        experts.append(_run_dir_task(out / f"expert{k + 1}", ecfg, init, [_load_objective(disp.objective)],
+                                     scope))
     return experts
 
 
@@ -309,19 +347,21 @@ def _combine_stage(c: CascadeConfig, d_model, e_models, router, d_tr, e_tr, rout
     """Fit each mode's combination on the training set; k-NN / probe on the test split."""
     blocks_tr = {"unconditional": torch.cat([d_tr, *e_tr], 1),
                  "conditional": CascadeModel.conditional_blocks([d_tr, *e_tr], routes_tr)}
-    combine = {mode: fit_combination(blocks_tr[mode], width=d_tr.shape[1], seed=c.seed, dtype=dtype)
-               for mode in c.modes}
-    model = CascadeModel(d_model, e_models, router, combine, mode=c.modes[0])
+    n = len(e_tr) + 1
+    full = n * router["pca_components"].shape[0] if c.combine == "subspace" else d_tr.shape[1]
+    fit = dict(width=c.combine_width or full, seed=c.seed, dtype=dtype, kind=c.combine, router=router)
+    combine = {mode: fit_combination(blocks_tr[mode], n_blocks=n, **fit) for mode in c.modes}
+    model = CascadeModel(d_model, e_models, router, combine, mode=c.modes[0], combine_kind=c.combine)
     routes_te = model.route_features(test_f[0])
     blocks_te = {"unconditional": torch.cat(test_f, 1),
                  "conditional": CascadeModel.conditional_blocks(test_f, routes_te)}
     log("evaluating: k-NN" + (" and linear probe" if c.probe else ""))
     metrics = {"dispatcher": _scores(d_tr, y_tr, test_f[0], y_te, c.probe, c.seed, num_classes)}
-    # Control: the dispatcher's own features through the same whitened PCA (no experts), to tell
-    # what whitening alone does from what the experts add.
-    white = CascadeModel(d_model, [], router, {"unconditional": fit_combination(
-        d_tr, width=d_tr.shape[1], seed=c.seed, dtype=dtype)})
-    metrics["dispatcher_whitened"] = _scores(white.combine(d_tr), y_tr, white.combine(test_f[0]), y_te,
+    # Control: the dispatcher's own features through the same kind of combination (no experts), to
+    # tell what the combination alone does from what the experts add.
+    alone = CascadeModel(d_model, [], router, {"unconditional": fit_combination(d_tr, n_blocks=1, **fit)},
+                         combine_kind=c.combine)
+    metrics["dispatcher_combined"] = _scores(alone.combine(d_tr), y_tr, alone.combine(test_f[0]), y_te,
                                              c.probe, c.seed, num_classes)
     for mode in c.modes:
         metrics[mode] = _scores(model.combine(blocks_tr[mode], mode), y_tr,
@@ -342,7 +382,7 @@ def train_cascade(config: CascadeConfig) -> CascadeResult:
     from ..data import load_dataset
 
     c = config
-    dtype = _check(c)
+    dtype, router_dtype = _check(c)
     main = distributed.is_main()  # under torchrun the runs use DDP; only rank 0 logs and writes
     log = _echo(c.quiet or not main)
     out = Path(c.out)
@@ -358,7 +398,7 @@ def train_cascade(config: CascadeConfig) -> CascadeResult:
     t_disp = time.perf_counter() - t0
     d_model = _model_of(bb, disp)
     (d_tr,), y_tr = _features([d_model], data.train, train_idx, size, bb)
-    router = fit_router(d_tr, n_experts=c.experts, dim=c.router_dim, seed=c.seed)
+    router = fit_router(d_tr, n_experts=c.experts, dim=c.router_dim, seed=c.seed, dtype=router_dtype)
     routes_tr = distributed.broadcast_(CascadeModel(d_model, [], router, {}).route_features(d_tr))
     sizes = _check_clusters(routes_tr, c.experts)  # every rank trains the same experts
     log(f"router: PCA {router['pca_components'].shape[0]} dims + {c.experts}-way GMM, cluster sizes {sizes}")
@@ -375,7 +415,8 @@ def train_cascade(config: CascadeConfig) -> CascadeResult:
             "cluster_sizes": json.dumps(sizes), "metrics": json.dumps(metrics)}
     path = out / "cascade.mask"
     storage = {} if not main else save_cascade(path, bb, disp.masks, disp.extras, [e.masks for e in experts],
-                                               [e.extras for e in experts], router, combine, metadata=meta)
+                                               [e.extras for e in experts], router, combine,
+                                               combine_kind=c.combine, metadata=meta)
     info = {"command_config": _config_json(c), "dispatcher_config": dcfg.to_dict(), "cluster_sizes": sizes,
             "test_cluster_sizes": torch.bincount(routes_te, minlength=c.experts).tolist(),
             "dispatcher_steps": disp.steps, "expert_steps": [e.steps for e in experts], "metrics": metrics,

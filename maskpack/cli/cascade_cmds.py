@@ -6,6 +6,8 @@ import json
 
 import click
 
+from ..cascade.combine import DEFAULT_KIND, KINDS
+from ..cascade.experts import DEFAULT_EXPERT_LAYERS, EXPERT_BN
 from ..train.config import recipe_default
 from . import handle_errors, main, parse_set
 
@@ -34,8 +36,25 @@ from . import handle_errors, main, parse_set
               help="Steps per expert (default: the dispatcher's total steps).")
 @click.option("--modes", default="unconditional,conditional", show_default=True,
               help="Combinations to fit, evaluate and store (comma-separated).")
+@click.option("--combine", "combine_kind", type=click.Choice(list(KINDS)), default=DEFAULT_KIND,
+              show_default=True,
+              help="How the K+1 feature blocks become one embedding: subspace (each block on the router's "
+                   "PCA basis, then a small ZCA whitening), l2 (each block L2-normalised, concatenated; "
+                   "nothing stored), standardize (per-dimension mean and scale), pca (a dense whitened "
+                   "PCA of all blocks: large).")
+@click.option("--combine-width", type=int, default=None,
+              help="Principal components kept by the pca / subspace combination (default: the "
+                   "dispatcher's width for pca, all (K+1) x router-dim for subspace).")
 @click.option("--combine-dtype", type=click.Choice(["float16", "float32"]), default="float16",
-              show_default=True, help="Storage dtype of the combination PCA components.")
+              show_default=True, help="Storage dtype of the combination's tensors.")
+@click.option("--router-dtype", type=click.Choice(["float16", "float32", "float64"]), default="float16",
+              show_default=True, help="Storage dtype of the router (routes use the stored values).")
+@click.option("--expert-layers", default=DEFAULT_EXPERT_LAYERS, show_default=True,
+              help="Which of the dispatcher's masked tensors the experts train: all or last:N "
+                   "(the others keep the dispatcher's mask and cost ~nothing).")
+@click.option("--expert-bn", type=click.Choice(list(EXPERT_BN)), default="frozen", show_default=True,
+              help="adapt: the BN layers after the experts' trained tensors adapt to the cluster "
+                   "(stored per expert); frozen: experts use the dispatcher's BN statistics.")
 @click.option("--probe/--no-probe", default=True, show_default=True, help="Also fit linear probes.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads for torch.")
@@ -45,10 +64,11 @@ from . import handle_errors, main, parse_set
 @click.option("--json", "json_out", is_flag=True, help="Print the results as JSON.")
 @handle_errors
 def cascade_cmd(dispatcher, dataset, data_dir, download, image_size, epochs, batch_size, lr, max_steps,
-                set_values, experts, router_dim, expert_steps, modes, combine_dtype, probe, seed, threads,
-                device, out, quiet, json_out) -> None:
+                set_values, experts, router_dim, expert_steps, modes, combine_kind, combine_width,
+                combine_dtype, router_dtype, expert_layers, expert_bn, probe, seed, threads, device, out,
+                quiet, json_out) -> None:
     """Train a cascade: a SwAV dispatcher mask, a PCA + Gaussian-mixture router, one expert
-    mask per cluster (initialised from the dispatcher), and a whitened-PCA combination.
+    mask per cluster (initialised from the dispatcher), and a combination of their features.
 
     Writes OUT/cascade.mask (everything in one file; load with maskpack.load_cascade),
     OUT/cascade.json (metrics, storage) and the dispatcher / expert runs (a second call
@@ -74,7 +94,10 @@ def cascade_cmd(dispatcher, dataset, data_dir, download, image_size, epochs, bat
         raise ConfigError(f"bad training option: {exc}") from exc
     slug = dataset.rstrip("/").split("/")[-1].replace(":", "-") or "data"
     cfg = CascadeConfig(dispatcher=dispatcher, train=tc, experts=experts, router_dim=router_dim,
-                        expert_steps=expert_steps, modes=mode_list, combine_dtype=combine_dtype, probe=probe,
+                        expert_steps=expert_steps, modes=mode_list, combine=combine_kind,
+                        combine_width=combine_width,
+                        combine_dtype=combine_dtype, router_dtype=router_dtype, expert_layers=expert_layers,
+                        expert_bn=expert_bn, probe=probe,
                         out=out or f"runs/cascade-{slug}", seed=seed, quiet=quiet)
     result = train_cascade(cfg)
     from .. import distributed
@@ -93,5 +116,7 @@ def cascade_cmd(dispatcher, dataset, data_dir, download, image_size, epochs, bat
     s = result.storage
     click.echo(f"clusters {result.clusters}; masks {s['masks_multiple']:.2f}x one mask as XOR deltas "
                f"({s['masks_multiple_independent']:.2f}x stored independently); file {s['file_bytes']:,} B "
-               f"({s['combine_bytes']:,} B combination PCA)")
+               f"= {s['file_multiple']:.2f}x the dispatcher's task file ({s['combine_bytes']:,} B "
+               f"{s['combine']} combination, {s['router_bytes']:,} B router, {s['expert_extras_bytes']:,} B "
+               "expert extras)")
     click.echo(f"wrote {result.path}")
