@@ -24,11 +24,12 @@ SUBSET = list(range(96))
 # Late layers only (as tests/test_train.py); a small S0 (= a larger lr, Theorem 2) makes masks move.
 BASE = dict(dataset="digits", image_size=16, batch_size=32, epochs=2, train_indices=SUBSET, quiet=True,
             threads=1, eval_every=0, eval_knn="never", bn_mode="frozen", bn_reestimate_batches=2,
-            head_lr=0.1, score_init=0.02, mask_layers="re:_blocks\\.1[0-5]|_conv_head")
+            head_lr=0.1, score_init=0.02, mask_layers="re:_blocks\\.1[0-5]|_conv_head", keep_checkpoint=True)
 CLI = ["--dataset", "digits", "--image-size", "16", "--batch-size", "32", "--epochs", "2",
        "--bn-mode", "frozen", "--knn", "never", "--threads", "1", "--quiet", "--head-lr", "0.1",
        "--mask-layers", "re:_blocks\\.1[0-5]|_conv_head", "--set", f"train_indices={json.dumps(SUBSET)}",
-       "--set", "eval_every=0", "--set", "bn_reestimate_batches=2", "--set", "score_init=0.02"]
+       "--set", "eval_every=0", "--set", "bn_reestimate_batches=2", "--set", "score_init=0.02",
+       "--keep-checkpoint"]
 
 
 def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
@@ -98,7 +99,7 @@ def test_two_processes_uninterrupted_and_resumed_by_two(tmp_path, reference):
     ck = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
     print("\n2 processes, 2 epochs vs 1:", _check_same(final_ref, ck, 1000))
     _torchrun([*CLI, "--stop-after", "1", "--out", str(tmp_path / "b")])
-    _torchrun(["--resume", "--out", str(tmp_path / "b")])  # every rank reads the checkpoint
+    _torchrun(["--resume", "--keep-checkpoint", "--out", str(tmp_path / "b")])  # every rank reads it
     print("2 processes, stopped and resumed by 2 vs 1:",
           _check_same(final_ref, load_checkpoint(tmp_path / "b" / "checkpoint.pt"), 1000))
     assert (tmp_path / "b" / "task.mask").exists()

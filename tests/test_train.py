@@ -55,7 +55,8 @@ def test_default_recipe_learns(tmp_path):
 
 
 def test_checkpoint_contract(tmp_path):
-    r = run(cfg(tmp_path, epochs=1))
+    r = run(cfg(tmp_path, epochs=1, keep_checkpoint=True))
+    assert r.checkpoint_path == tmp_path / "run" / "checkpoint.pt"
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert ck["backbone"] == "efficientnet_lite0"
     assert ck["mask_mode"] == "threshold" and ck["threshold"] == 0.0 and ck["scale"] is True
@@ -88,6 +89,10 @@ def test_resume_gives_identical_masks(tmp_path):
     assert load_checkpoint(tmp_path / "part" / "checkpoint.pt")["epoch"] == 1
     resumed = run(cfg(tmp_path, "part", head_lr=0.1, resume=True))
     assert resumed.metrics["epoch"] == 2
+    # a finished run keeps its task file and deletes the resume state (no keep_checkpoint)
+    for r, d in ((full, "full"), (resumed, "part")):
+        assert r.checkpoint_path is None and r.task_path.exists()
+        assert not (tmp_path / d / "checkpoint.pt").exists()
     for name in full.masks:
         assert torch.equal(full.masks[name], resumed.masks[name]), name
         assert torch.equal(full.scores[name], resumed.scores[name]), name
@@ -147,7 +152,7 @@ def test_task_file_loads_as_trained_model(tmp_path):
 def test_fft_writes_safetensors(tmp_path):
     from safetensors.torch import load_file
 
-    r = run(cfg(tmp_path, epochs=1, method="fft"))
+    r = run(cfg(tmp_path, epochs=1, method="fft", keep_checkpoint=True))
     assert r.task_path.name == "model.safetensors" and r.masks == {}
     state = load_file(str(r.task_path))
     assert set(state) == set(r.model.state_dict())
@@ -405,3 +410,73 @@ def test_bn_reestimation_batches_span_the_classes(tmp_path):
     first = [next(iter(s.loaders.bn))[1].tolist() for _ in range(2)]
     assert first[0] == first[1]  # the same batch every time
     assert len(set(first[0])) >= 3  # not one class
+
+
+def test_extras_rounding_and_bn_fold_define_the_stored_task(tmp_path):
+    """bfloat16 extras with folded BN: the model evaluated at the end is the file's model, bit for bit."""
+    import maskpack
+    from maskpack import load_backbone
+
+    r = run(cfg(tmp_path, epochs=1, extras_dtype="bfloat16", bn_fold=True, keep_checkpoint=True))
+    mf = maskpack.read(r.task_path)
+    assert mf.metadata["extras.dtype"] == "bfloat16" and mf.metadata["bn.folded"] == "true"
+    stored = mf.extras
+    floats = {k: v for k, v in stored.items() if v.is_floating_point()}
+    assert floats and all(v.dtype == torch.bfloat16 for v in floats.values())
+    # the conv head's BN adapts (last 25 tensors masked) and is folded: mean 0, variance 1 - eps
+    assert torch.equal(stored["backbone._bn1.running_mean"], torch.zeros(1280, dtype=torch.bfloat16))
+    assert len(set(stored["backbone._bn1.running_var"].tolist())) == 1
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(maskpack.load(r.task_path, load_backbone())(x), r.model.eval()(x))
+    # the in-memory extras hold the rounded values in float32; the checkpoint packs to the same file
+    assert all(torch.equal(r.extras[k].to(torch.bfloat16), v) for k, v in floats.items())
+    from click.testing import CliRunner
+
+    from maskpack.cli import main
+
+    res = CliRunner().invoke(main, ["pack", str(tmp_path / "run" / "checkpoint.pt"), "-o",
+                                    str(tmp_path / "p.mask")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "p.mask").read_bytes() == r.task_path.read_bytes()
+    # a folded run cannot be extended
+    with pytest.raises(ConfigError, match="BN layers folded"):
+        run(cfg(tmp_path, epochs=2, resume=True))
+
+
+def test_bn_affine_scope_masked_trains_only_the_masked_layers_bn():
+    from maskpack.bn import BatchNorm
+
+    seen = {}
+
+    def grab(event, info):
+        if event == "train_start":
+            net = info["state"].model.backbone
+            seen.update({n: m.weight.requires_grad for n, m in net.named_modules()
+                         if isinstance(m, BatchNorm)})
+
+    run(cfg(None, epochs=1, max_steps_per_epoch=1, bn_affine_scope="masked"), callbacks=[grab])
+    assert seen["_bn1"] and not seen["_bn0"]  # the conv head's BN trains, the stem's does not
+    assert 0 < sum(seen.values()) < len(seen)
+
+
+def test_fold_bn_keeps_the_function_and_float16_overflow_is_an_error():
+    from torch import nn
+
+    from maskpack.extras import fold_bn_, round_tensors_
+
+    bn = nn.BatchNorm2d(6).eval()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.1, 3)
+    x = torch.randn(2, 6, 4, 4)
+    ref = bn(x)
+    fold_bn_(bn)
+    torch.testing.assert_close(bn(x), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(bn.running_mean, torch.zeros(6))
+    with pytest.raises(ConfigError, match="'big' does not fit float16"):
+        round_tensors_([("big", torch.tensor([1e6]))], "float16")
+    with pytest.raises(ConfigError, match="unknown extras_dtype 'int8'"):
+        run(cfg(None, epochs=1, extras_dtype="int8"))

@@ -134,7 +134,8 @@ def _run_dir_task(out: Path, config, init_scores=None, callbacks=()) -> _Task:
     from ..train import run
 
     resume = (out / "checkpoint.pt").exists()
-    config = dataclasses.replace(config, out=str(out), resume=resume)
+    # the finished run is reused from its checkpoint (scores, objective): keep it
+    config = dataclasses.replace(config, out=str(out), resume=resume, keep_checkpoint=True)
     r = run(config, callbacks if not resume else (), init_scores=None if resume else init_scores)
     if not r.history:
         raise ConfigError(f"{out}: the run holds no finished epoch")
