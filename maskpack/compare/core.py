@@ -270,21 +270,7 @@ def compare(masks: dict[str, torch.Tensor], backbone, finetuned: dict[str, torch
     m_rows, out = out[:len(m_jobs)], out[len(m_jobs):]
     r_rows, out = out[:len(r_jobs)], out[len(r_jobs):]
     b_rows, (parts, parts_lzma) = out[:len(b_jobs)], out[len(b_jobs):]
-    file_ans, file_lzma = parts["total"], parts_lzma["total"]
-
-    rest_by = {r.method: r.compressed_bytes for r in r_rows}
-    totals = {r.method: r.compressed_bytes + rest_by.get(r.method, 0) for r in f_rows}
-    best_whole = min(totals, key=totals.get)
-    whole = {"fft_raw_bytes": totals["raw"], "fft_best_bytes": totals[best_whole],
-             "fft_best_method": best_whole, "fft_lzma_bytes": totals[PAPER_CODEC],
-             "fft_rest_bytes": len(rest),
-             "fft_by_method": totals, "mask_file_bytes": file_ans, "mask_file_lzma_bytes": file_lzma,
-             "mask_extras_bytes": sum(t.numel() * t.element_size() for t in (mask_extras or {}).values()),
-             "mask_file_parts": parts}
-    bf16_best = min(b_rows, key=lambda r: r.compressed_bytes)
-    whole |= {"fft_bf16_raw_bytes": next(r.raw_bytes for r in b_rows if r.method == "raw"),
-              "fft_bf16_best_bytes": bf16_best.compressed_bytes, "fft_bf16_best_method": bf16_best.method,
-              "fft_bf16_by_method": {r.method: r.compressed_bytes for r in b_rows}}
+    whole = _whole(f_rows, r_rows, b_rows, parts, parts_lzma, len(rest), mask_extras)
     mask_best = min(m_rows, key=lambda r: r.compressed_bytes)
     fp32_best = min(f_rows, key=lambda r: r.compressed_bytes)
     mby, fby = {r.method: r for r in m_rows}, {r.method: r for r in f_rows}
@@ -301,6 +287,25 @@ def compare(masks: dict[str, torch.Tensor], backbone, finetuned: dict[str, torch
                                "workers": workers}
     return BenchResult(getattr(backbone, "name", type(backbone).__name__), len(names), numel, active, changed,
                        m_rows, f_rows, whole, ratios, dict(accuracy or {"mask": None, "fft": None}), info)
+
+
+def _whole(f_rows: list[Row], r_rows: list[Row], b_rows: list[Row], parts: dict[str, int],
+           parts_lzma: dict[str, int], rest_len: int, mask_extras) -> dict[str, Any]:
+    """The whole-task sizes: the fine-tune's tensors with each method (masked ones + the rest), its
+    LOSSY bfloat16 copy, and the ``.mask`` file with its parts."""
+    rest_by = {r.method: r.compressed_bytes for r in r_rows}
+    totals = {r.method: r.compressed_bytes + rest_by.get(r.method, 0) for r in f_rows}
+    best_whole = min(totals, key=totals.get)
+    bf16_best = min(b_rows, key=lambda r: r.compressed_bytes)
+    return {"fft_raw_bytes": totals["raw"], "fft_best_bytes": totals[best_whole],
+            "fft_best_method": best_whole, "fft_lzma_bytes": totals[PAPER_CODEC], "fft_rest_bytes": rest_len,
+            "fft_by_method": totals, "mask_file_bytes": parts["total"],
+            "mask_file_lzma_bytes": parts_lzma["total"],
+            "mask_extras_bytes": sum(t.numel() * t.element_size() for t in (mask_extras or {}).values()),
+            "mask_file_parts": parts,
+            "fft_bf16_raw_bytes": next(r.raw_bytes for r in b_rows if r.method == "raw"),
+            "fft_bf16_best_bytes": bf16_best.compressed_bytes, "fft_bf16_best_method": bf16_best.method,
+            "fft_bf16_by_method": {r.method: r.compressed_bytes for r in b_rows}}
 
 
 def _rest_streams(finetuned: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
