@@ -46,11 +46,14 @@ _NORMALIZED: dict[str, Any] = {
 }
 # The normalised recipe on the last 25 tensors only (Lite0: blocks 8-15 and the conv head) with
 # only their BN layers adapting; the early layers keep the backbone's weights and ImageNet
-# statistics (BN weight/bias still train everywhere).
+# statistics. The task stores its head and the adapted layers' BN statistics in bfloat16 and no
+# BN weight/bias (docs/recipe-study.md "What the extras cost"): on digits at the bench budget
+# training them did not help accuracy and cost 1.5x the file.
 _LATE: dict[str, Any] = {
     **_NORMALIZED,
     "mask_layers": {"mask": "last:25", "topk": "all", "fft": "all"},
     "bn_mode": {"mask": "masked", "topk": "train", "fft": "train"},
+    "train_bn_affine": {"mask": False, "topk": False, "fft": False},
     "extras_dtype": "bfloat16",
 }
 # SwAV knobs (objective "swav"): the SwAV paper's settings, which the Self-Masking paper used.
