@@ -163,6 +163,20 @@ def test_compare_ratios_from_rows():
     assert w["fft_best_bytes"] == min(w["fft_by_method"].values())
     assert res.ratios["whole"] == pytest.approx(w["fft_best_bytes"] / w["mask_file_bytes"])
     assert w["mask_file_bytes"] > mask_best  # the file also holds the extras and a header
+    # the file's bytes by part add up; its masks are the ans row (the same per-tensor coder)
+    p = w["mask_file_parts"]
+    assert p["total"] == w["mask_file_bytes"] == p["masks"] + p["extras"] + p["header"]
+    assert p["masks"] == res.row("mask", "ans").compressed_bytes
+    assert p["extras"] == p["head"] + p["bn"] and p["head"] > 0 and p["header"] > 0
+    # LOSSY reference: the whole fine-tune in bfloat16, 2 bytes a float value
+    floats = sum(t.numel() for t in ft.values() if t.is_floating_point())
+    ints = sum(t.numel() * t.element_size() for t in ft.values() if not t.is_floating_point())
+    raw16 = 2 * floats + ints
+    assert w["fft_bf16_raw_bytes"] == raw16 + (-raw16 % 4)
+    assert w["fft_bf16_best_bytes"] == min(w["fft_bf16_by_method"].values())
+    assert set(w["fft_bf16_by_method"]) == set(bench.BF16_METHODS)
+    assert res.ratios["whole_bf16_lossy"] == pytest.approx(w["fft_bf16_best_bytes"] / w["mask_file_bytes"])
+    assert w["fft_bf16_best_bytes"] < w["fft_best_bytes"]
     assert res.accuracy == {"mask": 0.9, "fft": 0.91}
 
 
@@ -173,7 +187,7 @@ def test_result_json_shape():
     d = json.loads(res.to_json())
     assert set(d) == {"backbone", "tensors", "numel", "active", "changed", "mask", "fp32", "whole", "ratios",
                       "accuracy", "info"}
-    assert set(d["ratios"]) == {"paper", "honest", "raw", "whole", "whole_paper"}
+    assert set(d["ratios"]) == {"paper", "honest", "raw", "whole", "whole_paper", "whole_bf16_lossy"}
     assert [r["method"] for r in d["mask"]] == ["raw"] + [n for n, _, _ in bench.GENERAL] + ["ans"]
     assert [r["method"] for r in d["fp32"]] == list(bench.FP32_DEFAULT)
     assert set(d["mask"][0]) == {"side", "method", "raw_bytes", "compressed_bytes", "reduction_pct",

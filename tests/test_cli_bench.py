@@ -126,9 +126,16 @@ def test_bench_existing_files_table_and_json(tmp_path, tiny_registry):
     assert res.exit_code == 0, res.output
     for text in ("mask bits", "fp32 weights", "ans", "lzma-9", "xor+bytegroup+zstd-19", "reduction",
                  "smaller than the fine-tuned weights, best codec on each side", "paper-style, lzma -9",
-                 "whole checkpoint", "test accuracy: mask 0.5000, fine-tune 0.7500"):
+                 "whole task, head and BN included", "masks only", ".mask file by part: masks",
+                 "LOSSY comparison, the fine-tune rounded to bfloat16",
+                 "test accuracy: mask 0.5000, fine-tune 0.7500"):
         assert text in res.output, text
     d = json.loads(out.read_text())
+    p = d["whole"]["mask_file_parts"]
+    assert p["total"] == (tmp_path / "m" / "task.mask").stat().st_size  # the file, computed from its parts
+    assert f"header {p['header']:,} B = {p['total']:,} B" in res.output
+    for key in ("whole", "whole_bf16_lossy"):
+        assert f"{d['ratios'][key]:.1f}x" in res.output, key
     assert d["backbone"] == TINY and d["accuracy"] == {"mask": 0.5, "fft": 0.75}
     assert d["info"]["workers"] == 2 and d["info"]["total_s"] > 0
     best = min(r["compressed_bytes"] for r in d["fp32"]) / min(r["compressed_bytes"] for r in d["mask"])

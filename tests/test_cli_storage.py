@@ -98,7 +98,9 @@ def test_errors_are_one_line(tmp_path, run_dir):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     _one_error_line(_run("pack", junk, "-o", tmp_path / "x.mask"), "not a readable training checkpoint")
-    _one_error_line(_run("pack", tmp_path, "-o", tmp_path / "x.mask"), "has no checkpoint.pt")
+    _one_error_line(_run("pack", tmp_path, "-o", tmp_path / "x.mask"),
+                    "has no checkpoint.pt and no task.mask")
+    assert "--keep-checkpoint" in _run("pack", tmp_path, "-o", tmp_path / "x.mask").output
     _run("pack", d, "-o", tmp_path / "t.mask", "--codec", "raw")
     _one_error_line(_run("verify", tmp_path / "t.mask", "--backbone", "torchvision:resnet18?weights=none"),
                     "was made for backbone 'efficientnet_lite0'")

@@ -33,6 +33,11 @@ def test_train_bad_options(tmp_path, args, msg):
     assert msg in res.output
 
 
+def test_train_help_names_keep_checkpoint():
+    res = invoke("train", "--help")
+    assert "--keep-checkpoint" in res.output and "checkpoint is deleted" in res.output
+
+
 def test_train_resume_missing_checkpoint(tmp_path):
     res = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "none"), "--resume"])
     assert res.exit_code == 1 and "Error: no checkpoint at" in res.output
@@ -52,6 +57,14 @@ def test_train_stop_resume_and_eval(tmp_path):
     assert payload["metrics"]["epoch"] == 2 and payload["task"].endswith("task.mask")
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["lr"] == 5.0 and cfg["image_size"] == 16
+    # the finished run deleted its checkpoint: pack re-encodes the task, resume says why it cannot
+    files = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert files == ["config.json", "metrics.jsonl", "task.mask"]
+    res = invoke("pack", out, "-o", str(tmp_path / "re.mask"), "--codec", "zstd")
+    assert res.exit_code == 0 and "wrote" in res.output, res.output
+    res = CliRunner().invoke(main, ["train", "--out", out, "--resume", "--epochs", "3"])
+    assert res.exit_code == 1 and "checkpoint.pt was deleted" in res.output
+    assert "--keep-checkpoint" in res.output
     res = invoke("eval", out, "--labels", "0.1,1.0", "--no-probe", "--json")
     assert res.exit_code == 0, res.output
     ev = json.loads(res.output)

@@ -38,10 +38,14 @@ def test_every_recipe_resolves(recipe, method, objective):
 
 
 def test_default_mask_recipe_is_the_studys_normalised_recipe():
-    # docs/recipe-study.md: per-tensor normalised score updates at lr 0.002 + BN affine; S0 = 1
-    # and threshold 0 stay the paper's. The paper's raw lr stays available as `lr50`.
+    # docs/recipe-study.md: per-tensor normalised score updates at lr 0.002; S0 = 1 and threshold
+    # 0 stay the paper's; the extras are the head and the adapted BN statistics in bfloat16 (no BN
+    # weight/bias: "What the extras cost"). The paper's raw lr stays available as `lr50`.
     c = resolve_config(TrainConfig(epochs=8))
-    assert c.lr == 0.002 and c.score_grad_norm is True and c.train_bn_affine is True
+    assert c.lr == 0.002 and c.score_grad_norm is True and c.train_bn_affine is False
+    assert (c.extras_dtype, c.bn_fold) == ("bfloat16", False)
+    n = resolve_config(TrainConfig(recipe="normalized"))
+    assert (n.extras_dtype, n.bn_fold, n.bn_affine_scope) == ("float32", False, "all")
     assert c.score_init == 1.0 and c.threshold == 0.0 and c.warmup >= 1.0 and c.bn_reestimate is True
     old = resolve_config(TrainConfig(recipe="lr50", epochs=8))
     assert old.lr == 50.0 and old.score_grad_norm is False and old.train_bn_affine is False

@@ -81,3 +81,21 @@ def test_bad_masks_and_extras_name_the_tensor(tiny_net):
         rehydrate(tiny_net, {}, {"backbone.bn1.running_mean": torch.zeros(3)})
     with pytest.raises(FormatError, match="neither"):
         rehydrate(tiny_net, {}, {"other.x": torch.zeros(3)})
+
+
+def test_bfloat16_extras_rehydrate_and_switch_exactly(tiny_net):
+    """Extras stored in bfloat16 (a task defined in that precision) load into the float32 model
+    exactly: rehydrate and TaskHost.switch_ give the outputs of the model holding the rounded values."""
+    from maskpack.extras import cast_extras, round_tensors_
+
+    model, masks, extras = _train_a_little(tiny_net, 16, 3, seed=3, size=8)
+    state = model.state_dict()
+    round_tensors_(((k, state[k]) for k in extras), "bfloat16")  # the task as defined
+    stored = cast_extras({k: state[k] for k in extras}, "bfloat16")
+    assert stored["head.weight"].dtype == torch.bfloat16
+    assert stored["backbone.bn1.num_batches_tracked"].dtype == torch.int64
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.equal(rehydrate(tiny_net, masks, stored)(x), expected)
+        assert torch.equal(TaskHost(tiny_net).switch_(masks, stored)(x), expected)

@@ -47,15 +47,22 @@ def test_loss_goes_down_and_masks_change(tmp_path):
 
 def test_default_recipe_learns(tmp_path):
     # the default (normalised score updates + BN affine) on every conv: loss falls, masks move
-    r = run(cfg(tmp_path, epochs=4, head_lr=0.1, bn_lr=0.01, eval_every=4))
+    r = run(cfg(tmp_path, epochs=4, head_lr=0.1, bn_lr=0.01, eval_every=4, train_bn_affine=True))
     losses = [h["loss"] for h in r.history]
     assert r.config.score_grad_norm and r.config.train_bn_affine
     assert losses[-1] < losses[0] - 0.1, losses
     assert 0.9 < r.metrics["active"] < 1.0
 
 
-def test_checkpoint_contract(tmp_path):
+def test_finished_run_deletes_its_checkpoint(tmp_path):
     r = run(cfg(tmp_path, epochs=1))
+    assert r.task_path.exists() and r.checkpoint_path is None
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "metrics.jsonl", "task.mask"]
+
+
+def test_checkpoint_contract(tmp_path):
+    r = run(cfg(tmp_path, epochs=1, keep_checkpoint=True))
+    assert r.checkpoint_path == tmp_path / "run" / "checkpoint.pt"
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert ck["backbone"] == "efficientnet_lite0"
     assert ck["mask_mode"] == "threshold" and ck["threshold"] == 0.0 and ck["scale"] is True
@@ -65,10 +72,10 @@ def test_checkpoint_contract(tmp_path):
         assert torch.equal(s > 0, r.masks[name])
     ex = ck["extras"]
     # the default masks the last 25 tensors and adapts their BN only: the conv head's statistics
-    # are stored, the stem's are the backbone's and left out; BN weight/bias train everywhere
+    # are stored, the stem's are the backbone's and left out; no BN weight/bias trains
     assert {"head.weight", "head.bias", "backbone._bn1.running_mean", "backbone._bn1.running_var",
-            "backbone._bn1.num_batches_tracked", "backbone._bn0.weight", "backbone._bn0.bias"} <= set(ex)
-    assert "backbone._bn0.running_mean" not in ex
+            "backbone._bn1.num_batches_tracked"} <= set(ex)
+    assert not {"backbone._bn0.running_mean", "backbone._bn0.weight", "backbone._bn1.weight"} & set(ex)
     assert not any("parametrizations" in k for k in ex)
     assert ck["metadata"]["mask.scale"] == "true"
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in ck["metadata"].items())
@@ -94,11 +101,12 @@ def _same_result(a, b) -> None:
 
 
 def test_resume_gives_identical_masks(tmp_path, same_run):
-    full = run(cfg(tmp_path, "full", head_lr=0.1))
-    part = run(cfg(tmp_path, "part", head_lr=0.1, stop_after=1))
+    # keep_checkpoint: the final checkpoints are compared too (a finished run deletes its own)
+    full = run(cfg(tmp_path, "full", head_lr=0.1, keep_checkpoint=True))
+    part = run(cfg(tmp_path, "part", head_lr=0.1, stop_after=1, keep_checkpoint=True))
     assert part.task_path is None and not (tmp_path / "part" / "task.mask").exists()
     assert load_checkpoint(tmp_path / "part" / "checkpoint.pt")["epoch"] == 1
-    resumed = run(cfg(tmp_path, "part", head_lr=0.1, resume=True))
+    resumed = run(cfg(tmp_path, "part", head_lr=0.1, resume=True, keep_checkpoint=True))
     assert resumed.metrics["epoch"] == 2
     # masks, scores, extras, objective state, momentum, metrics (but timings), task file
     _same_result(full, resumed)
@@ -158,7 +166,7 @@ def test_task_file_loads_as_trained_model(tmp_path):
 def test_fft_writes_safetensors(tmp_path):
     from safetensors.torch import load_file
 
-    r = run(cfg(tmp_path, epochs=1, method="fft"))
+    r = run(cfg(tmp_path, epochs=1, method="fft", keep_checkpoint=True))
     assert r.task_path.name == "model.safetensors" and r.masks == {}
     state = load_file(str(r.task_path))
     assert set(state) == set(r.model.state_dict())
@@ -188,8 +196,9 @@ def test_head_only_phase_freezes_the_backbone(tmp_path, method):
     # weights stay exactly where they started (BN running statistics may still update)
     from maskpack import load_backbone
 
+    # (float32 extras: bfloat16 would round the untouched BN weights at the end)
     r = run(cfg(tmp_path, epochs=2, method=method, head_only_epochs=2, train_bn_affine=True,
-                bn_lr=0.1, head_lr=0.1, save_task=False))
+                bn_lr=0.1, head_lr=0.1, save_task=False, extras_dtype="float32"))
     start = load_backbone().model.state_dict()
     moved = []
     for name, t in r.extras.items():
@@ -220,13 +229,13 @@ def test_optimizer_sees_only_trainables_and_no_decay_on_scores(tmp_path, lite0):
             seen["groups"] = {g["name"]: (len(g["params"]), g["weight_decay"]) for g in groups}
             seen["all_trainable"] = all(p.requires_grad for g in groups for p in g["params"])
 
-    run(cfg(None, epochs=1, max_steps_per_epoch=1, weight_decay=0.1), callbacks=[grab])
+    run(cfg(None, epochs=1, max_steps_per_epoch=1, weight_decay=0.1, train_bn_affine=True), callbacks=[grab])
     assert seen["groups"]["scores"][1] == 0.0 and seen["all_trainable"]
-    assert set(seen["groups"]) == {"scores", "head", "weights"}  # weights: BN affine (default recipe)
+    assert set(seen["groups"]) == {"scores", "head", "weights"}  # weights: BN affine
     n_bn = 2 * sum(1 for m in lite0.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert seen["groups"]["weights"][0] == n_bn
     seen.clear()
-    run(cfg(None, epochs=1, max_steps_per_epoch=1, train_bn_affine=False), callbacks=[grab])
+    run(cfg(None, epochs=1, max_steps_per_epoch=1), callbacks=[grab])  # the default: no BN affine
     assert set(seen["groups"]) == {"scores", "head"}
 
 
@@ -385,7 +394,7 @@ def test_swav_recipe_defaults():
     assert (e.swav_crops, e.lr, e.head_only_epochs, e.swav_jitter) == ((2, 4), 0.002, 1.0, 0.0)
     assert (p.mask_layers, p.bn_mode) == ("all", "train")
     s = resolve_config(TrainConfig(epochs=8))
-    assert s.head_only_epochs == 0.0 and s.lr == 0.002 and s.train_bn_affine
+    assert s.head_only_epochs == 0.0 and s.lr == 0.002 and not s.train_bn_affine
     assert (s.mask_layers, s.bn_mode) == ("last:25", "masked")  # supervised default
     n = resolve_config(TrainConfig(epochs=8, recipe="normalized"))
     assert (n.mask_layers, n.bn_mode, n.lr, n.train_bn_affine) == ("all", "train", 0.002, True)
@@ -416,3 +425,74 @@ def test_bn_reestimation_batches_span_the_classes(tmp_path):
     first = [next(iter(s.loaders.bn))[1].tolist() for _ in range(2)]
     assert first[0] == first[1]  # the same batch every time
     assert len(set(first[0])) >= 3  # not one class
+
+
+def test_extras_rounding_and_bn_fold_define_the_stored_task(tmp_path):
+    """bfloat16 extras with folded BN: the model evaluated at the end is the file's model, bit for bit."""
+    import maskpack
+    from maskpack import load_backbone
+
+    r = run(cfg(tmp_path, epochs=1, extras_dtype="bfloat16", bn_fold=True, keep_checkpoint=True))
+    mf = maskpack.read(r.task_path)
+    assert mf.metadata["extras.dtype"] == "bfloat16" and mf.metadata["bn.folded"] == "true"
+    stored = mf.extras
+    floats = {k: v for k, v in stored.items() if v.is_floating_point()}
+    assert floats and all(v.dtype == torch.bfloat16 for v in floats.values())
+    # the conv head's BN adapts (last 25 tensors masked) and is folded: mean 0, variance 1 - eps
+    assert torch.equal(stored["backbone._bn1.running_mean"], torch.zeros(1280, dtype=torch.bfloat16))
+    assert len(set(stored["backbone._bn1.running_var"].tolist())) == 1
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(maskpack.load(r.task_path, load_backbone())(x), r.model.eval()(x))
+    # the in-memory extras hold the rounded values in float32; the checkpoint packs to the same file
+    assert all(torch.equal(r.extras[k].to(torch.bfloat16), v) for k, v in floats.items())
+    from click.testing import CliRunner
+
+    from maskpack.cli import main
+
+    res = CliRunner().invoke(main, ["pack", str(tmp_path / "run" / "checkpoint.pt"), "-o",
+                                    str(tmp_path / "p.mask")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "p.mask").read_bytes() == r.task_path.read_bytes()
+    # a folded run cannot be extended
+    with pytest.raises(ConfigError, match="BN layers folded"):
+        run(cfg(tmp_path, epochs=2, resume=True))
+
+
+def test_bn_affine_scope_masked_trains_only_the_masked_layers_bn():
+    from maskpack.bn import BatchNorm
+
+    seen = {}
+
+    def grab(event, info):
+        if event == "train_start":
+            net = info["state"].model.backbone
+            seen.update({n: m.weight.requires_grad for n, m in net.named_modules()
+                         if isinstance(m, BatchNorm)})
+
+    run(cfg(None, epochs=1, max_steps_per_epoch=1, train_bn_affine=True, bn_affine_scope="masked"),
+        callbacks=[grab])
+    assert seen["_bn1"] and not seen["_bn0"]  # the conv head's BN trains, the stem's does not
+    assert 0 < sum(seen.values()) < len(seen)
+
+
+def test_fold_bn_keeps_the_function_and_float16_overflow_is_an_error():
+    from torch import nn
+
+    from maskpack.extras import fold_bn_, round_tensors_
+
+    bn = nn.BatchNorm2d(6).eval()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.1, 3)
+    x = torch.randn(2, 6, 4, 4)
+    ref = bn(x)
+    fold_bn_(bn)
+    torch.testing.assert_close(bn(x), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(bn.running_mean, torch.zeros(6))
+    with pytest.raises(ConfigError, match="'big' does not fit float16"):
+        round_tensors_([("big", torch.tensor([1e6]))], "float16")
+    with pytest.raises(ConfigError, match="unknown extras_dtype 'int8'"):
+        run(cfg(None, epochs=1, extras_dtype="int8"))

@@ -99,7 +99,7 @@ def test_swav_mask_run_stores_no_head(tmp_path):
     c = TrainConfig(dataset="digits", image_size=16, batch_size=16, epochs=2, objective="swav",
                     train_indices=list(range(48)), quiet=True, threads=1, eval_every=0, eval_knn="end",
                     swav_crops=(2, 2), swav_queue_length=32, swav_prototypes=20,
-                    bn_reestimate_batches=2, out=str(tmp_path / "swav"))
+                    bn_reestimate_batches=2, out=str(tmp_path / "swav"), keep_checkpoint=True)
     r = run(c)
     assert "knn" in r.metrics and 0.0 <= r.metrics["knn"] <= 1.0
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in r.history)

@@ -157,7 +157,8 @@ def _run_dir_task(out: Path, config, init_scores=None, callbacks=(), scope=None)
     from ..train import run
 
     resume = (out / "checkpoint.pt").exists()
-    config = dataclasses.replace(config, out=str(out), resume=resume)
+    # the finished run is reused from its checkpoint (scores, objective): keep it
+    config = dataclasses.replace(config, out=str(out), resume=resume, keep_checkpoint=True)
     cbs = [*(callbacks if not resume else ()), *([scope(not resume)] if scope else [])]
     r = run(config, cbs, init_scores=None if resume else init_scores)
     if not r.history:

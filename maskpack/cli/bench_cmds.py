@@ -48,9 +48,18 @@ def render(result, console) -> None:
                   f"each side[/bold]: {mb.method} {_size(mb.compressed_bytes)} vs {fb.method} "
                   f"{_size(fb.compressed_bytes)} (same tensors on both sides, the paper's definition)")
     console.print(f"paper-style, lzma -9 on both sides: {ra['paper']:.1f}x; uncompressed: {ra['raw']:.1f}x")
-    console.print(f"whole checkpoint, head and BN statistics included: {ra['whole']:.1f}x (.mask file "
-                  f"{_size(w['mask_file_bytes'])} vs {w['fft_best_method']} {_size(w['fft_best_bytes'])}, "
-                  f"raw {_size(w['fft_raw_bytes'])}); lzma on both: {ra['whole_paper']:.1f}x")
+    console.print(f"[bold]whole task, head and BN included: {ra['whole']:.1f}x[/bold] (masks only: "
+                  f"{ra['honest']:.1f}x): .mask file {_size(w['mask_file_bytes'])} vs {w['fft_best_method']} "
+                  f"{_size(w['fft_best_bytes'])} (raw {_size(w['fft_raw_bytes'])}); lzma on both: "
+                  f"{ra['whole_paper']:.1f}x")
+    p = w.get("mask_file_parts")
+    if p:
+        console.print(f".mask file by part: masks {p['masks']:,} B, head {p['head']:,} B, BN {p['bn']:,} B "
+                      f"(extras {p['extras']:,} B), header {p['header']:,} B = {p['total']:,} B")
+    if "fft_bf16_best_bytes" in w:
+        console.print(f"LOSSY comparison, the fine-tune rounded to bfloat16 (no longer the evaluated model): "
+                      f"{w['fft_bf16_best_method']} {_size(w['fft_bf16_best_bytes'])} (raw "
+                      f"{_size(w['fft_bf16_raw_bytes'])}), {ra['whole_bf16_lossy']:.1f}x the .mask file")
     acc = result.accuracy
     console.print(f"test accuracy: mask {_acc(acc.get('mask'))}, fine-tune {_acc(acc.get('fft'))}")
     if result.lora is not None:
@@ -195,7 +204,7 @@ def _compare(bench, mask_path, finetuned, info, quiet, console, jobs, backbone=N
         return bench.compare_files(mask_path, finetuned, backbone=backbone, info=info, workers=jobs)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    steps = 2 + len(bench.GENERAL) + 2 * len(bench.FP32_DEFAULT) + 2
+    steps = 2 + len(bench.GENERAL) + 2 * len(bench.FP32_DEFAULT) + len(bench.BF16_METHODS) + 2
     with Progress(TextColumn("compressing ({task.description} done)"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True) as prog:
         task = prog.add_task("", total=steps)

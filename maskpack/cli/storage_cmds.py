@@ -30,7 +30,12 @@ def _pack_checkpoint(src: Path, out: str, codec: str, level: int | None, weights
     backbone = maskpack.load_backbone(ckpt["backbone"], weights=weights or _recorded_weights(ckpt))
     metadata = {str(k): str(v) for k, v in ckpt["metadata"].items()}
     metadata.setdefault("mask.scale", "true" if ckpt["scale"] else "false")
-    maskpack.save(out, masks_from_checkpoint(ckpt), backbone, extras=ckpt["extras"], metadata=metadata,
+    extras = ckpt["extras"]
+    if "extras.dtype" in metadata:  # a finished run's extras, rounded to the precision it stores
+        from maskpack.extras import cast_extras
+
+        extras = cast_extras(extras, metadata["extras.dtype"])
+    maskpack.save(out, masks_from_checkpoint(ckpt), backbone, extras=extras, metadata=metadata,
                   codec=codec, level=level)
 
 
@@ -59,7 +64,8 @@ def pack(source: Path, output: str, codec: str, level: int | None, backbone: str
          backbone_weights: str | None) -> None:
     """Write a .mask file from a training run, a checkpoint, or another .mask (re-encode).
 
-    SOURCE is a run directory holding checkpoint.pt, a checkpoint file, or a .mask file. A run
+    SOURCE is a run directory (its checkpoint.pt, or its task.mask once a finished run has deleted
+    the checkpoint: train with --keep-checkpoint to keep it), a checkpoint file, or a .mask file. A run
     trained on a local weights file packs with that file (recorded in its config) unless
     --backbone-weights names another.
 
@@ -69,9 +75,14 @@ def pack(source: Path, output: str, codec: str, level: int | None, backbone: str
         maskpack pack digits.mask -o digits.zstd.mask --codec zstd --level 19
     """
     if source.is_dir():
-        source = source / "checkpoint.pt"
-        if not source.exists():
-            raise FormatError(f"{source.parent} has no checkpoint.pt: is it a maskpack training run?")
+        run_dir = source
+        source = run_dir / "checkpoint.pt"
+        if not source.exists() and (run_dir / "task.mask").exists():
+            source = run_dir / "task.mask"  # a finished run deletes its checkpoint unless --keep-checkpoint
+        elif not source.exists():
+            raise FormatError(f"{run_dir} has no checkpoint.pt and no task.mask: is it a maskpack training "
+                              "run? (a finished run keeps only its task.mask unless trained with "
+                              "--keep-checkpoint; an unfinished one keeps its checkpoint.pt)")
     from maskpack.io import is_mask_file
 
     if is_mask_file(source):

@@ -91,6 +91,9 @@ def _slug(text: str) -> str:
 @click.option("--max-steps", type=int, default=None, hidden=True, help="Cap steps per epoch (benchmarks).")
 @click.option("--out", default=None, help="Run directory (default runs/<dataset>-<objective>-<method>).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--keep-checkpoint", is_flag=True,
+              help="Keep checkpoint.pt after the run finishes (default: deleted once the task file is "
+                   "written; keep it to extend the run later with --resume --epochs N, or to pack it again).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or per-epoch lines.")
 @click.option("--json", "json_out", is_flag=True, help="Print the final metrics as JSON.")
 @click.pass_context
@@ -99,7 +102,8 @@ def train_cmd(ctx: click.Context, **opts) -> None:
     """Train a task mask (or fine-tune) on a dataset; write a run directory.
 
     The run directory holds config.json, metrics.jsonl, checkpoint.pt (each epoch) and at the
-    end task.mask (mask/topk) or model.safetensors (fft).
+    end task.mask (mask/topk) or model.safetensors (fft). Once the task file is written the
+    checkpoint is deleted, unless --keep-checkpoint.
 
     \b
     Example:

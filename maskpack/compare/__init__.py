@@ -19,7 +19,9 @@ ratios, both over the same tensors on both sides (the paper's definition):
 
 The whole-checkpoint ratio also counts what else a task needs: the fine-tune's other tensors
 (BatchNorm weights and statistics, the head), compressed with the same method, against the
-``.mask`` file as :func:`maskpack.save` writes it (masks, head and BN statistics, header).
+``.mask`` file as :func:`maskpack.save` writes it (masks, head and BN statistics, header), with
+the file's bytes by part. A LOSSY reference beside it: the whole fine-tune rounded to bfloat16
+(no longer the model that was evaluated), with its best method.
 
 Example:
     >>> from maskpack import compare
@@ -28,6 +30,7 @@ Example:
 """
 
 from .core import (
+    BF16_METHODS,
     MASK_CODEC,
     PAPER_CODEC,
     check_pair,
@@ -45,7 +48,8 @@ from .pair import PairConfig, read_metrics, train_pair
 from .plot import plot
 from .result import BenchResult, Row
 
-__all__ = ["FP32_DEFAULT", "GENERAL", "MASK_CODEC", "PAPER_CODEC", "BenchResult", "PairConfig", "Row",
+__all__ = ["BF16_METHODS", "FP32_DEFAULT", "GENERAL", "MASK_CODEC", "PAPER_CODEC", "BenchResult",
+           "PairConfig", "Row",
            "byte_group", "byte_ungroup", "check_pair", "compare", "compare_files", "default_workers",
            "fp32_jobs", "fp32_methods", "fp32_rows", "mask_jobs", "mask_rows", "plot", "read_metrics",
            "run_jobs", "train_pair", "xor_bytes"]

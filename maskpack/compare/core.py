@@ -261,21 +261,16 @@ def compare(masks: dict[str, torch.Tensor], backbone, finetuned: dict[str, torch
     m_jobs = mask_jobs(flat, absw)
     r_jobs = fp32_jobs(rest, rest_base, methods=methods, side="rest") if rest else []
     w_jobs = [(f"whole .mask {c}",
-               lambda c=c: _mask_file_size(masks, backbone, mask_extras, mask_metadata, c))
+               lambda c=c: _mask_file_parts(masks, backbone, mask_extras, mask_metadata, c))
               for c in (MASK_CODEC, "lzma")]
-    out = run_jobs(f_jobs + m_jobs + r_jobs + w_jobs, workers=workers, progress=progress, slow_first=True)
+    b_jobs = fp32_jobs(*_bf16_streams(finetuned, state), methods=list(BF16_METHODS), side="bf16")
+    out = run_jobs(f_jobs + m_jobs + r_jobs + b_jobs + w_jobs, workers=workers, progress=progress,
+                   slow_first=True)
     f_rows, out = out[:len(f_jobs)], out[len(f_jobs):]
     m_rows, out = out[:len(m_jobs)], out[len(m_jobs):]
-    r_rows, (file_ans, file_lzma) = out[:len(r_jobs)], out[len(r_jobs):]
-
-    rest_by = {r.method: r.compressed_bytes for r in r_rows}
-    totals = {r.method: r.compressed_bytes + rest_by.get(r.method, 0) for r in f_rows}
-    best_whole = min(totals, key=totals.get)
-    whole = {"fft_raw_bytes": totals["raw"], "fft_best_bytes": totals[best_whole],
-             "fft_best_method": best_whole, "fft_lzma_bytes": totals[PAPER_CODEC],
-             "fft_rest_bytes": len(rest),
-             "fft_by_method": totals, "mask_file_bytes": file_ans, "mask_file_lzma_bytes": file_lzma,
-             "mask_extras_bytes": sum(t.numel() * t.element_size() for t in (mask_extras or {}).values())}
+    r_rows, out = out[:len(r_jobs)], out[len(r_jobs):]
+    b_rows, (parts, parts_lzma) = out[:len(b_jobs)], out[len(b_jobs):]
+    whole = _whole(f_rows, r_rows, b_rows, parts, parts_lzma, len(rest), mask_extras)
     mask_best = min(m_rows, key=lambda r: r.compressed_bytes)
     fp32_best = min(f_rows, key=lambda r: r.compressed_bytes)
     mby, fby = {r.method: r for r in m_rows}, {r.method: r for r in f_rows}
@@ -285,11 +280,32 @@ def compare(masks: dict[str, torch.Tensor], backbone, finetuned: dict[str, torch
         "raw": fby["raw"].compressed_bytes / mby["raw"].compressed_bytes,
         "whole": whole["fft_best_bytes"] / whole["mask_file_bytes"],
         "whole_paper": whole["fft_lzma_bytes"] / whole["mask_file_lzma_bytes"],
+        # LOSSY: the fine-tune rounded to bfloat16 (it is then no longer the evaluated model)
+        "whole_bf16_lossy": whole["fft_bf16_best_bytes"] / whole["mask_file_bytes"],
     }
     info = dict(info or {}) | {"mask_best": mask_best.method, "fp32_best": fp32_best.method,
                                "workers": workers}
     return BenchResult(getattr(backbone, "name", type(backbone).__name__), len(names), numel, active, changed,
                        m_rows, f_rows, whole, ratios, dict(accuracy or {"mask": None, "fft": None}), info)
+
+
+def _whole(f_rows: list[Row], r_rows: list[Row], b_rows: list[Row], parts: dict[str, int],
+           parts_lzma: dict[str, int], rest_len: int, mask_extras) -> dict[str, Any]:
+    """The whole-task sizes: the fine-tune's tensors with each method (masked ones + the rest), its
+    LOSSY bfloat16 copy, and the ``.mask`` file with its parts."""
+    rest_by = {r.method: r.compressed_bytes for r in r_rows}
+    totals = {r.method: r.compressed_bytes + rest_by.get(r.method, 0) for r in f_rows}
+    best_whole = min(totals, key=totals.get)
+    bf16_best = min(b_rows, key=lambda r: r.compressed_bytes)
+    return {"fft_raw_bytes": totals["raw"], "fft_best_bytes": totals[best_whole],
+            "fft_best_method": best_whole, "fft_lzma_bytes": totals[PAPER_CODEC], "fft_rest_bytes": rest_len,
+            "fft_by_method": totals, "mask_file_bytes": parts["total"],
+            "mask_file_lzma_bytes": parts_lzma["total"],
+            "mask_extras_bytes": sum(t.numel() * t.element_size() for t in (mask_extras or {}).values()),
+            "mask_file_parts": parts,
+            "fft_bf16_raw_bytes": next(r.raw_bytes for r in b_rows if r.method == "raw"),
+            "fft_bf16_best_bytes": bf16_best.compressed_bytes, "fft_bf16_best_method": bf16_best.method,
+            "fft_bf16_by_method": {r.method: r.compressed_bytes for r in b_rows}}
 
 
 def _rest_streams(finetuned: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
@@ -306,9 +322,53 @@ def _rest_streams(finetuned: dict[str, torch.Tensor], state: dict[str, torch.Ten
     return rest + pad, base + pad
 
 
-def _mask_file_size(masks, backbone, extras, metadata, codec: str) -> int:
-    """Size of the ``.mask`` file :func:`maskpack.save` writes (masks, extras, header)."""
-    return len(io.to_bytes(masks, backbone, extras=extras, metadata=metadata, codec=codec))
+# Methods tried on the fine-tune rounded to bfloat16 (the LOSSY row); the best one is reported.
+BF16_METHODS = ("raw", "zstd-19", "lzma-9", "bytegroup+zstd-19", "xor+bytegroup+zstd-19")
+
+
+def _bf16_streams(finetuned: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> tuple[bytes, bytes]:
+    """The whole fine-tune with its float tensors rounded to bfloat16 (integer ones as they are),
+    and its XOR base (the backbone's tensors in the same dtype, zeros for the head), padded to
+    whole 4-byte words."""
+    def as_stored(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", torch.bfloat16) if t.is_floating_point() else t.detach().to("cpu")
+
+    data, base = [], []
+    for k, t in finetuned.items():
+        v = as_stored(t)
+        data.append(_le_bytes(v.view(torch.int16) if v.dtype == torch.bfloat16 else v))
+        ref = state.get(k.removeprefix("backbone.")) if k.startswith("backbone.") else None
+        if ref is None or tuple(ref.shape) != tuple(t.shape):
+            base.append(bytes(len(data[-1])))
+        else:
+            r = as_stored(ref.to(t.dtype))
+            base.append(_le_bytes(r.view(torch.int16) if r.dtype == torch.bfloat16 else r))
+    d, b = b"".join(data), b"".join(base)
+    pad = bytes(-len(d) % 4)
+    return d + pad, b + pad
+
+
+def _mask_file_parts(masks, backbone, extras, metadata, codec: str) -> dict[str, int]:
+    """Bytes of the ``.mask`` file :func:`maskpack.save` writes, by part: ``masks`` (the tensor
+    payloads), ``extras`` (the stored extras blob), of which ``head`` is the head's tensors stored
+    alone and ``bn`` the rest of the blob (BN weight/bias and statistics), ``header`` (preamble and
+    JSON header), and ``total``."""
+    import tempfile
+
+    from safetensors.torch import save as st_save
+
+    from ..storage.container import encode_extras
+
+    data = io.to_bytes(masks, backbone, extras=extras, metadata=metadata, codec=codec)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "task.mask")
+        io.write_atomic(path, data)
+        mf = io.read(path)
+        mask_bytes, extras_bytes = sum(t.length for t in mf.tensors), mf.extras_bytes
+    head = {k: v.detach().cpu().contiguous() for k, v in (extras or {}).items() if k.startswith("head.")}
+    head_bytes = min(len(encode_extras(st_save(head))), extras_bytes) if head else 0
+    return {"total": len(data), "masks": mask_bytes, "extras": extras_bytes, "head": head_bytes,
+            "bn": extras_bytes - head_bytes, "header": len(data) - mask_bytes - extras_bytes}
 
 
 # ----------------------------------------------------------------------------- files

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import distributed, masking
-from ..bn import BatchNorm, adapting_bn_names
+from ..bn import BatchNorm, adapting_bn_names, bn_after
 from ..checkpoint import load_checkpoint
 from ..data import (
     Augmented,
@@ -56,7 +56,7 @@ def _objective(c: TrainConfig, feat: int, num_classes: int, dist: distributed.Di
         n_global=c.swav_crops[0], queue_length=c.swav_queue_length // dist.world_size, **reduce)
 
 
-def _mask_(net: nn.Module, c: TrainConfig, layer_fn, init_scores) -> None:
+def _mask_(net: nn.Module, c: TrainConfig, layer_fn, init_scores, masked_bns: list[str]) -> None:
     masking.apply_masks_(net, layer_fn, mask_bias=c.mask_bias, init=c.score_init, threshold=c.threshold,
                          mode="topk" if c.method == "topk" else "threshold", k=c.topk_k,
                          scale=c.scale, detach_alpha=c.detach_alpha, seed=c.seed)
@@ -64,9 +64,10 @@ def _mask_(net: nn.Module, c: TrainConfig, layer_fn, init_scores) -> None:
         if isinstance(init_scores, (str, os.PathLike)):
             init_scores = load_checkpoint(init_scores)["scores"]
         masking.load_scores_(net, init_scores)
-    if c.train_bn_affine:
-        for m in net.modules():
-            if isinstance(m, BatchNorm):
+    if c.train_bn_affine:  # every BN layer, or (bn_affine_scope masked) the masked layers' own BN
+        only = set(masked_bns) if c.bn_affine_scope == "masked" else None
+        for name, m in net.named_modules():
+            if isinstance(m, BatchNorm) and (only is None or name in only):
                 for p in m.parameters(recurse=False):
                     p.requires_grad_(True)
 
@@ -90,12 +91,12 @@ def build_model(c: TrainConfig, backbone, num_classes: int, dist: distributed.Di
                           "--method mask or topk (fft: use --bn-mode train, head or frozen)")
     layer_fn = masking.layer_filter(c.mask_layers, net) if masked else None
     owners = set()
-    if c.bn_mode == "masked":
+    if masked:
         selected = masking.select_parameters(net, layer_fn, mask_bias=c.mask_bias)
         owners = {n.rpartition(".")[0] for n, _, _ in selected}
-    adapt = adapting_bn_names(net, c.bn_mode, owners, backbone=c.backbone)
+    adapt = adapting_bn_names(net, c.bn_mode, owners if c.bn_mode == "masked" else set(), backbone=c.backbone)
     if masked:
-        _mask_(net, c, layer_fn, init_scores)
+        _mask_(net, c, layer_fn, init_scores, bn_after(net, owners))
     else:
         for p in net.parameters():
             p.requires_grad_(True)

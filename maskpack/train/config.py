@@ -13,8 +13,11 @@ from typing import Any
 
 from ..bn import BN_MODES
 from ..errors import ConfigError, DataError
+from ..extras import EXTRAS_DTYPES
 
 METHODS = ("mask", "topk", "fft")
+# train_bn_affine on every BN layer, or only on the BN right after each masked layer
+BN_AFFINE_SCOPES = ("all", "masked")
 OBJECTIVES = ("supervised", "swav")
 
 # What every recipe shares unless it says otherwise.
@@ -25,6 +28,10 @@ _COMMON: dict[str, Any] = {
     "bn_reestimate": True,
     "bn_mode": {"mask": "train", "topk": "train", "fft": "train"},
     "mask_layers": {"mask": "all", "topk": "all", "fft": "all"},
+    # the task's extras: stored precision, which BN layers train weight/bias, BN folding
+    "extras_dtype": "float32",
+    "bn_affine_scope": "all",
+    "bn_fold": False,
 }
 # Per-tensor normalised score updates (docs/recipe-study.md): Lite0's score gradients span ~600x
 # across layers, so one raw lr (the paper's 50) wrecks the first layers while the last ones never
@@ -39,11 +46,15 @@ _NORMALIZED: dict[str, Any] = {
 }
 # The normalised recipe on the last 25 tensors only (Lite0: blocks 8-15 and the conv head) with
 # only their BN layers adapting; the early layers keep the backbone's weights and ImageNet
-# statistics (BN weight/bias still train everywhere).
+# statistics. The task stores its head and the adapted layers' BN statistics in bfloat16 and no
+# BN weight/bias (docs/recipe-study.md "What the extras cost"): on digits at the bench budget
+# training them did not help accuracy and cost 1.5x the file.
 _LATE: dict[str, Any] = {
     **_NORMALIZED,
     "mask_layers": {"mask": "last:25", "topk": "all", "fft": "all"},
     "bn_mode": {"mask": "masked", "topk": "train", "fft": "train"},
+    "train_bn_affine": {"mask": False, "topk": False, "fft": False},
+    "extras_dtype": "bfloat16",
 }
 # SwAV knobs (objective "swav"): the SwAV paper's settings, which the Self-Masking paper used.
 _SWAV_PAPER: dict[str, Any] = {
@@ -126,6 +137,9 @@ class TrainConfig:
     bn_reestimate_batches: int = 100
     train_bn_affine: bool | None = None  # masks: also train BN weight/bias (saved as extras); None: recipe
     bn_lr: float | None = None  # lr of those BN weight/bias (None: head_lr; never the score lr)
+    bn_affine_scope: str | None = None  # train_bn_affine on "all" BN layers or the "masked" layers' own BN
+    bn_fold: bool | None = None  # masks: fold adapted BN layers into scale/shift at the end (fewer extras)
+    extras_dtype: str | None = None  # masks: float32 | bfloat16 | float16; extras rounded to it at the end
     score_grad_norm: bool | None = None  # masks: divide each score tensor's gradient by its mean |g|
     sync_bn: bool = False  # under torchrun (CUDA): SyncBatchNorm, batch statistics over the global batch
     # SwAV
@@ -164,6 +178,7 @@ class TrainConfig:
     resume: bool = False
     quiet: bool = False
     save_task: bool = True
+    keep_checkpoint: bool = False  # keep checkpoint.pt after the task file is written
     codec: str = "ans"
 
     def to_dict(self) -> dict[str, Any]:
@@ -266,6 +281,17 @@ def _fill_swav(c: TrainConfig, rec: dict[str, Any]) -> None:
         raise ConfigError(f"swav_jitter (colour-jitter strength) must be in [0, 1], got {c.swav_jitter}")
 
 
+def _fill_extras(c: TrainConfig, rec: dict[str, Any]) -> None:
+    for key in ("extras_dtype", "bn_affine_scope"):
+        if getattr(c, key) is None:
+            setattr(c, key, _per_method(rec[key], c.method))
+    if c.extras_dtype not in EXTRAS_DTYPES:
+        raise ConfigError(f"unknown extras_dtype {c.extras_dtype!r}: use one of {', '.join(EXTRAS_DTYPES)}")
+    if c.bn_affine_scope not in BN_AFFINE_SCOPES:
+        raise ConfigError(f"unknown bn_affine_scope {c.bn_affine_scope!r}: use one of "
+                          f"{', '.join(BN_AFFINE_SCOPES)}")
+
+
 def resolve_config(config: TrainConfig) -> TrainConfig:
     """Check options and fill ``None`` knobs from the recipe (a new config; the input is kept).
 
@@ -293,9 +319,10 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
             setattr(c, key, _per_method(rec[key], c.method))
     if c.bn_mode not in BN_MODES:
         raise ConfigError(f"unknown BN mode {c.bn_mode!r}: use one of {', '.join(BN_MODES)}")
-    for key in ("score_grad_norm", "train_bn_affine"):
+    for key in ("score_grad_norm", "train_bn_affine", "bn_fold"):
         if getattr(c, key) is None:
             setattr(c, key, bool(_per_method(rec.get(key, False), c.method)))
+    _fill_extras(c, rec)
     if c.lr is None or c.lr <= 0:
         raise ConfigError(f"learning rate must be > 0, got {c.lr}")
     return c

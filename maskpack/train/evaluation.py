@@ -9,6 +9,7 @@ import torch
 from .. import distributed
 from ..bn import bn_state, load_bn_state_, reestimate_bn_
 from ..evaluate import evaluate_features, extract_features, head_accuracy
+from .state import finalize_task_
 
 if TYPE_CHECKING:
     from .loop import RunState
@@ -27,6 +28,7 @@ def _features(s: RunState, loader, with_logits: bool = False):
 def evaluate_run(s: RunState, *, final: bool) -> dict[str, Any]:
     """Test metrics of the run now. BN statistics are re-estimated first when configured; unless
     ``final`` the training statistics are put back afterwards, so evaluation never changes training.
+    With ``final`` the model becomes the stored task first (:func:`.state.finalize_task_`).
 
     Returns:
         ``accuracy`` (supervised), ``knn`` and ``probe`` when asked for.
@@ -38,6 +40,8 @@ def evaluate_run(s: RunState, *, final: bool) -> dict[str, Any]:
             saved = bn_state(s.model)
         reestimate_bn_(s.model, s.loaders.bn, device=s.device, max_batches=c.bn_reestimate_batches, amp=c.amp,
                        only=s.adapting_bns() if c.bn_mode in ("head", "masked") else None)
+    if final:  # evaluate the task as stored: extras rounded to extras_dtype, BN folded
+        finalize_task_(s)
     out: dict[str, Any] = {}
     want_knn = c.eval_knn == "epoch" or (final and c.eval_knn == "end")
     want_probe = final and c.probe

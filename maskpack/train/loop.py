@@ -40,7 +40,7 @@ from ..runtime import autocast, resolve_device, to_device
 from .build import Loaders, ModelParts, Optim, build_loaders, build_model, build_optimizer
 from .config import TrainConfig, check_resume, resolve_config
 from .evaluation import evaluate_run
-from .state import restore_, save_task, task_extras, write_checkpoint
+from .state import finalize_task_, restore_, save_task, task_extras, write_checkpoint
 
 Callback = Callable[[str, dict[str, Any]], None]
 
@@ -57,6 +57,7 @@ class RunState:
         optim: optimizer and parameter bookkeeping (:class:`Optim`).
         epoch, step: finished epochs and optimiser steps. history: one metrics dict per epoch.
         out: the run directory (None: nothing written). ddp: the DDP wrapper under torchrun.
+        finalized: the model is the task as stored (extras rounded to ``extras_dtype``, BN folded).
     """
 
     config: TrainConfig
@@ -73,6 +74,7 @@ class RunState:
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     ddp: nn.Module | None = None
+    finalized: bool = False  # extras rounded (and BN folded) into the stored task: train.state.finalize_task_
 
     @property
     def model(self) -> TaskModel:
@@ -143,10 +145,21 @@ def lr_factor(step: int, total: int, warmup_steps: int, schedule: str = "cosine"
     return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup_steps, span) / span))
 
 
+def _resume_checkpoint(out: Path) -> dict[str, Any]:
+    """The run's checkpoint; a clear error when a finished run has deleted it."""
+    if not (out / "checkpoint.pt").exists():
+        done = [n for n in ("task.mask", "model.safetensors") if (out / n).exists()]
+        if done:
+            raise ConfigError(f"{out} holds a finished run ({done[0]}) whose checkpoint.pt was deleted "
+                              "when it finished: nothing to resume (train with --keep-checkpoint to "
+                              "extend a run later, or choose another --out)")
+    return load_checkpoint(out / "checkpoint.pt")
+
+
 def resume_config(out: str | os.PathLike, **overrides) -> TrainConfig:
     """The config a run directory was started with, with ``overrides`` (e.g. ``epochs``) applied
     and ``resume=True``; for continuing a run without repeating its options."""
-    d = json.loads(load_checkpoint(Path(out) / "checkpoint.pt")["config"])
+    d = json.loads(_resume_checkpoint(Path(out))["config"])
     d.update(overrides)
     d.update(out=str(out), resume=True)
     return TrainConfig.from_dict(d)
@@ -177,9 +190,13 @@ def _resume_or_fresh(config: TrainConfig, out: Path | None) -> tuple[TrainConfig
         return config, None
     if out is None:
         raise ConfigError("--resume needs --out DIR (the run directory to continue)")
-    ckpt = load_checkpoint(out / "checkpoint.pt")
+    ckpt = _resume_checkpoint(out)
     saved_dict = json.loads(ckpt["config"])
     check_resume(config, saved_dict)
+    if ckpt["metadata"].get("bn.folded") == "true" and config.epochs > int(ckpt["epoch"]):
+        raise ConfigError(f"{out} finished with its BN layers folded into scale/shift (bn_fold): it "
+                          "cannot train further; start a new run (with --set bn_fold=false to extend "
+                          "it later)")
     saved = TrainConfig.from_dict(saved_dict)
     config = dataclasses.replace(config, **{
         f.name: getattr(saved, f.name) for f in dataclasses.fields(TrainConfig)
@@ -299,6 +316,7 @@ def _reduce_epoch(s: RunState, loss_sum: float, n_img: int, stats_sum: dict[str,
 def train_epoch(s: RunState, progress, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Train one epoch; returns its metrics row (loss, lr, speed, active fraction, statistics)."""
     c = s.config
+    s.finalized = False  # training on: the end of the run finalises the task again
     s.loaders.sampler.set_epoch(s.epoch)
     if isinstance(s.objective, SwAVObjective):
         s.objective.use_queue = s.epoch >= int(c.swav_queue_start * c.epochs)
@@ -417,6 +435,8 @@ def run(config: TrainConfig, callbacks: Sequence[Callback] = (), *,
 def _finish(s: RunState, callbacks: Sequence[Callback]) -> TrainResult:
     c = s.config
     s.model.eval()
+    if s.epoch >= c.epochs:  # a run resumed at its end from a checkpoint written before rounding
+        finalize_task_(s)
     masks = masking.extract_masks(s.model.backbone) if s.masked else {}
     scores = masking.extract_scores(s.model.backbone) if s.masked else {}
     extras = task_extras(s)
@@ -427,6 +447,10 @@ def _finish(s: RunState, callbacks: Sequence[Callback]) -> TrainResult:
     if s.out is not None and c.save_task and s.epoch >= c.epochs:
         task_path = save_task(s, masks, extras) if s.dist.is_main else s.out / (
             "task.mask" if s.masked else "model.safetensors")
+        if not c.keep_checkpoint:  # the task file holds the finished run: the resume state goes
+            if s.dist.is_main:
+                ckpt_path.unlink(missing_ok=True)
+            ckpt_path = None
     distributed.barrier()  # DDP: the task file exists before any rank goes on
     s.model.to("cpu")
     _emit(callbacks, "train_end", s, metrics=metrics)

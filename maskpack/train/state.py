@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import distributed, masking
-from ..bn import bn_buffer_names
+from ..bn import BatchNorm, bn_buffer_names
 from ..checkpoint import build_checkpoint, save_checkpoint
 from ..errors import FormatError
+from ..extras import cast_extras, fold_bn_, round_tensors_
 from ..io import save, save_finetuned
 from ..objectives import SwAVObjective, queue_from_global, queue_to_global
 from .build import named_trainables
@@ -20,24 +21,56 @@ if TYPE_CHECKING:
     from .loop import RunState
 
 
+def _bn_param_names(model: torch.nn.Module) -> set[str]:
+    return {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, BatchNorm)
+            for p, _ in m.named_parameters(recurse=False)}
+
+
 def task_extras(s: RunState) -> dict[str, torch.Tensor]:
-    """Trained non-mask tensors in TaskModel naming: head, trained weights, and the BN buffers that
+    """Trained non-mask tensors in TaskModel naming: head, trained weights, and the BN tensors that
     differ from the backbone's (with ``--bn-mode head / masked / frozen`` most keep the backbone's
-    statistics; a loader takes what a task omits from the backbone)."""
+    statistics; folded BN layers change weight/bias; a loader takes what a task omits from the
+    backbone)."""
     trained = {n for n, p in s.model.named_parameters() if p.requires_grad}
-    bn_buffers = bn_buffer_names(s.model)
+    bn_tensors = bn_buffer_names(s.model) | _bn_param_names(s.model)
     pristine = s.backbone.model.state_dict()
     out = {}
     for name, t in s.model.state_dict().items():
         if ".parametrizations." in name:
             continue
-        if name in bn_buffers and name not in trained:
+        if name in bn_tensors and name not in trained:
             orig = pristine.get(name.removeprefix("backbone."))
             if orig is not None and torch.equal(orig, t.detach().cpu()):
                 continue
-        if name.startswith("head.") or name in bn_buffers or name in trained:
+        if name.startswith("head.") or name in bn_tensors or name in trained:
             out[name] = t.detach().cpu().contiguous().clone()
     return out
+
+
+def _fold_layers(s: RunState) -> list[torch.nn.Module]:
+    """The BN layers whose statistics the task stores: the adapting ones (all under ``train``)."""
+    mode = s.config.bn_mode
+    if mode in ("head", "masked"):
+        return s.adapting_bns()
+    if mode == "train":
+        return [m for m in s.model.backbone.modules() if isinstance(m, BatchNorm)]
+    return []
+
+
+@torch.no_grad()
+def finalize_task_(s: RunState) -> None:
+    """Turn the trained model into the task as stored (masks only; once, at the end of the run, after
+    BN re-estimation and before the final evaluation): fold the adapted BN layers (``bn_fold``) and
+    round the extras to ``extras_dtype`` in place, so the evaluated model is the stored one."""
+    c = s.config
+    if not s.masked or s.finalized:
+        return
+    if c.bn_fold:
+        for bn in _fold_layers(s):
+            fold_bn_(bn)
+    state = s.model.state_dict()
+    round_tensors_(((n, state[n]) for n in task_extras(s)), c.extras_dtype)
+    s.finalized = True
 
 
 def task_metadata(s: RunState) -> dict[str, str]:
@@ -51,6 +84,9 @@ def task_metadata(s: RunState) -> dict[str, str]:
         "image_size": str(c.image_size), "num_classes": str(s.data.num_classes),
         "classes": json.dumps(s.data.classes), "epochs": str(s.epoch), "recipe": c.recipe,
         "mean": json.dumps(list(s.backbone.mean)), "std": json.dumps(list(s.backbone.std)),
+        # set once finalize_task_ has rounded (and folded) the extras
+        **({"extras.dtype": c.extras_dtype, "bn.folded": "true" if c.bn_fold else "false"}
+           if s.finalized else {}),
     }
 
 
@@ -118,6 +154,7 @@ def restore_(s: RunState, ckpt: dict[str, Any]) -> None:
         s.optim.optimizer.state[p]["momentum_buffer"] = buf.to(p.device).clone()
     s.epoch, s.step = int(ckpt["epoch"]), int(ckpt["step"])
     s.history = json.loads(ckpt["history"])
+    s.finalized = "extras.dtype" in ckpt["metadata"]
     torch.set_rng_state(ckpt["rng_torch"])
 
 
@@ -126,7 +163,8 @@ def save_task(s: RunState, masks: dict[str, torch.Tensor], extras: dict[str, tor
     meta = task_metadata(s)
     if s.masked:
         path = s.out / "task.mask"
-        save(path, masks, s.backbone, extras=extras, metadata=meta, codec=s.config.codec)
+        save(path, masks, s.backbone, extras=cast_extras(extras, s.config.extras_dtype), metadata=meta,
+             codec=s.config.codec)
         return path
     path = s.out / "model.safetensors"
     save_finetuned(path, s.model.state_dict(), meta)
