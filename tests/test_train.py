@@ -57,7 +57,8 @@ def test_default_recipe_learns(tmp_path):
 def test_finished_run_deletes_its_checkpoint(tmp_path):
     r = run(cfg(tmp_path, epochs=1))
     assert r.task_path.exists() and r.checkpoint_path is None
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "metrics.jsonl", "task.mask"]
+    left = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert left == ["config.json", "metrics.jsonl", "task.mask"]
 
 
 def test_checkpoint_contract(tmp_path):
