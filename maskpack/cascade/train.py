@@ -54,7 +54,8 @@ class CascadeConfig:
         router_dim: PCA dimensions before the mixture.
         expert_steps: optimiser steps per expert (default: the dispatcher's total steps).
         modes: combinations to fit, evaluate and store.
-        combine: the combination (:data:`maskpack.cascade.combine.KINDS`): ``l2`` (blocks
+        combine: the combination (:data:`maskpack.cascade.combine.KINDS`): ``subspace`` (each
+            block on the router's PCA basis, then a ZCA whitening; the default), ``l2`` (blocks
             L2-normalised and concatenated, nothing stored), ``standardize`` or ``pca`` (the dense
             whitened PCA of version-1 files).
         combine_width: principal components kept by ``pca`` (its output width) / ``subspace``
