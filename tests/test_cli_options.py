@@ -19,7 +19,7 @@ from maskpack.train import load_checkpoint
 FAST = ["--dataset", "digits", "--image-size", "32", "--epochs", "1", "--max-steps", "2",
         "--batch-size", "8", "--quiet", "--knn", "never", "--threads", "1", "--mask-layers", "last:3",
         "--set", "train_indices=" + json.dumps(list(range(64))), "--set", "eval_every=0",
-        "--set", "bn_reestimate_batches=1"]
+        "--set", "bn_reestimate_batches=1", "--keep-checkpoint"]
 
 
 def invoke(*args):
@@ -121,7 +121,7 @@ def test_cascade_through_the_cli(tmp_path):
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
     assert lines[0].split() == ["model", "k-NN", "probe"]
-    assert [ln.split()[0] for ln in lines[1:5]] == ["dispatcher", "dispatcher_whitened", "unconditional",
+    assert [ln.split()[0] for ln in lines[1:5]] == ["dispatcher", "dispatcher_combined", "unconditional",
                                                     "conditional"]
     assert lines[-1] == f"wrote {out / 'cascade.mask'}"
     from maskpack.cascade import is_cascade, load_cascade
@@ -224,7 +224,9 @@ def test_storage_commands_error_line(tmp_path, bad_mask, command):
 
 def test_pack_error_line(tmp_path):
     _one_error_line(invoke("pack", tmp_path, "-o", tmp_path / "x.mask"),
-                    f"Error: {tmp_path} has no checkpoint.pt: is it a maskpack training run?")
+                    f"Error: {tmp_path} has no checkpoint.pt and no task.mask: is it a maskpack training "
+                    "run? (a finished run keeps only its task.mask unless trained with --keep-checkpoint; an "
+                    "unfinished one keeps its checkpoint.pt)")
 
 
 def test_train_error_line(tmp_path):

@@ -195,7 +195,7 @@ def test_cli_backbone_weights(tmp_path):
     res = cli.invoke(main, ["train", "--backbone", f"timm:{CNN}", "--backbone-weights", path,
                             "--dataset", "digits", "--image-size", "32", "--epochs", "1", "--max-steps", "2",
                             "--batch-size", "8", "--knn", "never", "--lr", "1", "--threads", "1", "-q",
-                            "--out", str(out)])
+                            "--keep-checkpoint", "--out", str(out)])
     assert res.exit_code == 0, res.output
     task = out / "task.mask"
     res = cli.invoke(main, ["verify", str(task), "--backbone-weights", path])

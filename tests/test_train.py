@@ -122,12 +122,12 @@ def test_killed_run_resumes_and_leaves_no_partial_files(tmp_path, same_run):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run(cfg(tmp_path, "k", head_lr=0.1), callbacks=[kill])
+        run(cfg(tmp_path, "k", head_lr=0.1, keep_checkpoint=True), callbacks=[kill])
     out = tmp_path / "k"
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
-    full = run(cfg(tmp_path, "full", head_lr=0.1))
-    resumed = run(cfg(tmp_path, "k", head_lr=0.1, resume=True))
+    full = run(cfg(tmp_path, "full", head_lr=0.1, keep_checkpoint=True))
+    resumed = run(cfg(tmp_path, "k", head_lr=0.1, resume=True, keep_checkpoint=True))
     _same_result(full, resumed)
     same_run(tmp_path / "full", out)
 
@@ -184,9 +184,9 @@ def test_fft_writes_safetensors(tmp_path):
 
 
 def test_fft_resume_identical(tmp_path, same_run):
-    full = run(cfg(tmp_path, "a", method="fft"))
-    run(cfg(tmp_path, "b", method="fft", stop_after=1))
-    res = run(cfg(tmp_path, "b", method="fft", resume=True))
+    full = run(cfg(tmp_path, "a", method="fft", keep_checkpoint=True))
+    run(cfg(tmp_path, "b", method="fft", stop_after=1, keep_checkpoint=True))
+    res = run(cfg(tmp_path, "b", method="fft", resume=True, keep_checkpoint=True))
     _same_result(full, res)
     same_run(tmp_path / "a", tmp_path / "b")  # model.safetensors included
 
