@@ -38,7 +38,7 @@ from .methods import GENERAL
 from .pair import PairConfig, _check_reuse, read_metrics
 from .result import Row
 
-LORA_LR = 1e-3  # AdamW, adapters and head
+LORA_LR = 5e-3  # AdamW, adapters and head: the better of 1e-3 and 5e-3 on the default (docs/benchmarks.md)
 META_KEY = "maskpack"
 ADAPTER_FILE = "adapter.safetensors"
 # The lossless methods tried on the adapter file (no XOR: an adapter has no backbone tensor to XOR with).
@@ -349,6 +349,9 @@ def train_lora(config: PairConfig, rank: int) -> dict[str, Any]:
         if saved.get("rank") not in (None, rank):
             raise ConfigError(f"{run_dir} holds a LoRA of rank {saved['rank']}, not {rank}: choose another "
                               "--out, or remove that directory to retrain")
+        if saved.get("lr") not in (None, LORA_LR):
+            raise ConfigError(f"{run_dir} holds a LoRA trained at lr {saved['lr']}, not {LORA_LR}: choose "
+                              "another --out, or remove that directory to retrain")
         return {**saved, "path": str(path), "reused": True}
     t0 = time.perf_counter()
     run = _Run(config, rank)
