@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 import maskpack
 from maskpack.errors import BackboneMismatchError, CodecError, ConfigError, FormatError
@@ -292,3 +293,64 @@ def test_task_host_errors_and_scale(tmp_path, tiny_net):
     other = TaskHost(type(tiny_net)())
     with pytest.raises(BackboneMismatchError, match="the given backbone '<TaskHost backbone>' has sha256"):
         maskpack.io.load_task_into(other, tmp_path / "u.mask")
+
+
+def test_save_messages_are_exact(tmp_path, tiny_net):
+    masks = _masks(tiny_net)
+    cases = [
+        (lambda: maskpack.save(tmp_path / "x.mask", masks, "TinyNet"), ConfigError,
+         "backbone must be a maskpack.Backbone or an nn.Module, got str"),
+        (lambda: maskpack.save(tmp_path / "x.mask", list(masks.values()), tiny_net), ConfigError,
+         "masks must be a dict of name -> BoolTensor, got list"),
+        (lambda: maskpack.save(tmp_path / "x.mask", {"fc.weight": [[True]]}, tiny_net), FormatError,
+         "mask 'fc.weight' must be a torch.bool tensor, got list"),
+        (lambda: maskpack.save(tmp_path / "x.mask", {"fc.weight": masks["fc.weight"].float()}, tiny_net),
+         FormatError, "mask 'fc.weight' must be a torch.bool tensor, got torch.float32"),
+    ]
+    for call, err, message in cases:
+        with pytest.raises(err) as info:
+            call()
+        assert str(info.value) == message
+
+
+def test_save_uses_the_backbone_contexts_and_the_level(tmp_path, tiny_net):
+    masks = _masks(tiny_net)
+    # ans: the conv weights' |W| buckets predict the mask, so more than one bucket is used
+    w = tiny_net.conv1.weight.detach().abs()
+    masks["conv1.weight"] = w < w.flatten().median()
+    maskpack.save(tmp_path / "a.mask", masks, tiny_net)
+    mf = maskpack.read(tmp_path / "a.mask")
+    blob = mf._data()[mf.tensors[0].offset:mf.tensors[0].offset + mf.tensors[0].length]
+    assert blob[0] > 0 and torch.equal(mf.masks(tiny_net)["conv1.weight"], masks["conv1.weight"])
+    big = nn.Sequential(nn.Linear(512, 256, bias=False))
+    g = torch.Generator().manual_seed(0)
+    big_masks = {"0.weight": torch.rand(256, 512, generator=g) < 0.05}
+    files = {}
+    for level in (1, None, 19):
+        maskpack.save(tmp_path / f"z{level}.mask", big_masks, big, codec="zstd", level=level)
+        files[level] = (tmp_path / f"z{level}.mask").read_bytes()
+    assert files[None] == files[19] and files[1] != files[19]  # the level reaches the codec
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_per_layer_active_of_an_empty_tensor(tmp_path):
+    net = nn.Sequential(nn.Linear(0, 4, bias=False), nn.Linear(4, 2, bias=False))
+    masks = {"0.weight": torch.zeros(4, 0, dtype=torch.bool),
+             "1.weight": torch.tensor([[1, 0, 0, 0]] * 2) > 0}
+    maskpack.save(tmp_path / "e.mask", masks, net, codec="raw")
+    mf = maskpack.read(tmp_path / "e.mask")
+    assert mf.per_layer_active() == {"0.weight": 1.0, "1.weight": 0.25}
+    assert mf.active_fraction == 0.25
+
+
+def test_header_is_utf8_json(tmp_path, tiny_net):
+    import json
+    import struct
+    import zlib
+
+    maskpack.save(tmp_path / "u.mask", _masks(tiny_net), tiny_net, metadata={"note": "Zürich ✓"})
+    data = (tmp_path / "u.mask").read_bytes()
+    text = zlib.decompress(data[18:18 + struct.unpack("<I", data[10:14])[0]], -15)
+    assert "Zürich ✓".encode() in text and b"\\u" not in text  # UTF-8, not \u escapes
+    assert json.loads(text)["metadata"]["note"] == "Zürich ✓"
+    assert maskpack.read(tmp_path / "u.mask").metadata["note"] == "Zürich ✓"

@@ -79,7 +79,7 @@ def test_topk_variant_keeps_the_fraction():
     assert int(masks["0.weight"].sum()) == 60 and int(masks["1.weight"].sum()) == 24
     net(torch.randn(3, 10)).sum().backward()
     assert net[0].parametrizations.weight[0].scores.grad is not None
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"topk fraction k must be in \(0, 1\], got 0.0"):
         masking.apply_masks_(nn.Linear(2, 2), mode="topk", k=0.0)
 
 
@@ -195,6 +195,21 @@ def test_alpha_passes_no_gradient_at_its_floor():
     masking._MaskedWeight.apply(w, s, s.detach() > 0, True, False).mul(up).sum().backward()
     assert torch.allclose(s.grad, up * w * 12 ** 0.5, rtol=0, atol=1e-12)
     assert float(masking.inverse_alpha(torch.zeros(1))) == 1.0  # floor 1/numel, numel 1
+    # two kept: above the floor, alpha's gradient is back (equal to autograd's)
+    s2 = s.detach().clone()
+    s2[7] = 1.0
+    (ref, _, ref_s), (_, _, got_s) = _reference_and_fused(w, s2, 0.0, True, False, up)
+    assert torch.allclose(got_s, ref_s, rtol=0, atol=1e-12) and not torch.allclose(got_s, up * w * 6 ** 0.5)
+
+
+def test_masked_weight_passes_the_gradient_through_alpha_by_default():
+    w = torch.linspace(-1, 1, 6)
+    m = torch.tensor([1.0, 1, 0, 1, 0, 1], requires_grad=True)
+    masking.masked_weight(w, m).sum().backward()
+    through = m.grad.clone()
+    m.grad = None
+    masking.masked_weight(w, m, detach_alpha=True).sum().backward()
+    assert not torch.allclose(through, m.grad)
 
 
 def test_defaults_are_the_papers():
@@ -269,6 +284,7 @@ class _Odd(nn.Module):
         self.register_parameter("first", None)
         self.weight = nn.Parameter(torch.ones(2))
         self.bias = nn.Parameter(torch.zeros(2))
+        self.in_proj_bias = nn.Parameter(torch.zeros(2))
 
 
 def test_selection_rules():
@@ -283,7 +299,8 @@ def test_selection_rules():
     assert [n for n, _, _ in masking.select_parameters(net)] == ["0.0.weight", "2.in_proj_weight",
                                                                  "2.out_proj.weight"]
     odd = [n for n, _, _ in masking.select_parameters(_Odd(), lambda m, n: True)]
-    assert odd == ["weight", "bias"]  # the empty slot is skipped, the rest still seen
+    assert odd == ["weight", "bias", "in_proj_bias"]  # the empty slot is skipped, the rest still seen
+    assert masking.select_parameters(_Odd(), mask_bias=True) == []  # not a layer: no bias of its own
 
 
 def test_active_fractions():
@@ -300,10 +317,12 @@ def test_active_fractions():
     assert masking.active_fraction(net) == 0.75 and masking.per_layer_active(net) == {"weight": 0.75}
 
 
-def test_masking_messages():
+def test_masking_messages_are_exact():
     net = nn.Linear(2, 2)
     masking.apply_masks_(net)
-    with pytest.raises(ConfigError, match=r"model already has masks: call strip_masks_\(\) or use a fresh"):
+    with pytest.raises(ConfigError) as info:
         masking.apply_masks_(net)
-    with pytest.raises(ConfigError, match="no parameter matched the mask filter: nothing to mask"):
+    assert str(info.value) == "model already has masks: call strip_masks_() or use a fresh copy"
+    with pytest.raises(ConfigError) as info:
         masking.apply_masks_(nn.Linear(2, 2), lambda m, n: False)
+    assert str(info.value) == "no parameter matched the mask filter: nothing to mask"
