@@ -29,7 +29,7 @@ fi
 # The fast tests that exercise those files (seconds each; no training runs).
 TESTS=(tests/test_storage_container.py tests/test_storage_codecs.py tests/test_io.py
        tests/test_rehydrate.py tests/test_masking.py tests/test_theorems.py
-       tests/test_validation_rules.py)
+       tests/test_validation_rules.py tests/test_validation_rules_data.py)
 if [ -n "${MUTATION_TESTS:-}" ]; then read -r -a TESTS <<< "$MUTATION_TESTS"; fi
 PRESENT=()
 for t in "${TESTS[@]}"; do [ -f "$ROOT/$t" ] && PRESENT+=("$t"); done
@@ -42,7 +42,7 @@ mkdir -p "$WORK"
 rm -rf "$WORK/maskpack" "$WORK/tests"
 cp -r "$ROOT/maskpack" "$WORK/maskpack"
 mkdir -p "$WORK/tests"
-cp "$ROOT/tests/conftest.py" "${TESTS[@]/#/$ROOT/}" "$WORK/tests/"
+cp "$ROOT/tests/conftest.py" "$ROOT/tests/mask_files.py" "${TESTS[@]/#/$ROOT/}" "$WORK/tests/"
 find "$WORK/maskpack" -name __pycache__ -prune -exec rm -rf {} +
 # pytest options (markers, filters) without any [tool.mutmut] table: the config is setup.cfg.
 sed -n '/^\[tool.pytest.ini_options\]/,/^$/p' "$ROOT/pyproject.toml" > "$WORK/pyproject.toml"

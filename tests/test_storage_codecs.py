@@ -259,7 +259,7 @@ def test_ans_buckets_with_opposite_majorities():
     # whichever comes first.
     absw = np.arange(10000, dtype=np.float32)
     c = get_codec("ans")
-    for mask in (absw >= 5000, absw < 5000, (absw >= 2500) & (absw < 7500)):
+    for mask in (absw >= 5000, absw < 5000, (absw >= 2500) & (absw < 7500), absw >= 7500):
         payload = c.encode(mask, absw)
         assert payload[0] > 0
         np.testing.assert_array_equal(c.decode(payload, mask.size, absw), mask)
@@ -362,6 +362,7 @@ def test_ans_codec_messages():
 
 
 BZ2, GZ = bz2.compress(b"\x01\x02"), zlib.compress(b"", wbits=31)
+ZS = __import__("zstandard").ZstdCompressor(write_content_size=True).compress(b"\x01\x02")
 TRUNC, TRAIL = "payload is truncated (compressed stream has no end)", "payload has trailing bytes after the"
 
 
@@ -370,6 +371,8 @@ TRUNC, TRAIL = "payload is truncated (compressed stream has no end)", "payload h
     ("bz2", BZ2 * 2, 16, f"{TRAIL} compressed stream"),
     ("gzip", GZ[:-1], 0, f"gzip {TRUNC}"),
     ("gzip", GZ * 2, 0, f"gzip {TRAIL} compressed stream"),
+    ("zstd", ZS[:-1], 16, f"zstd {TRUNC}"),
+    ("zstd", ZS * 2, 16, "zstd payload has trailing bytes after the frame"),
     ("lz4", b"\x00\x00", 0, "lz4 payload of an empty mask must be one zero byte"),
     ("snappy", b"\x80\x80\x80\x80\x80", 8, "snappy payload has a malformed length prefix"),
     ("snappy", b"\x05", 8, "snappy payload declares 5 bytes, expected 1"),
@@ -384,6 +387,7 @@ TRUNC, TRAIL = "payload is truncated (compressed stream has no end)", "payload h
     ("ans", bytes.fromhex("0004a3d631b8"), 26, "ans payload decodes to positions past the end of its bucket"),
     ("ans", bytes([0, 9]), 8, "ans bucket 0 claims 9 ones but holds 8 elements"),
     ("ans", bytes([1, 0, 0]), 8, "the ans codec needs the backbone's weights to decode: pass the backbone"),
+    ("raw", b"\x01\x80", 9, "packed mask has non-zero padding bits"),
 ])
 def test_codec_messages_are_exact(codec, payload, numel, message):
     with pytest.raises(CodecError) as info:
@@ -392,6 +396,8 @@ def test_codec_messages_are_exact(codec, payload, numel, message):
 
 
 def test_library_errors_name_their_type():
+    with pytest.raises(CodecError, match=r"^ans payload is not valid coded data: "):
+        get_codec("ans").decode(bytes([0, 3]) + b"\x00" * 4, 10, None)  # a zero last word
     with pytest.raises(CodecError, match="lz4 payload does not decode: LZ4BlockError: "):
         get_codec("lz4").decode(b"\xff\xff", 16)
     with pytest.raises(CodecError, match="zstd payload does not decode: ZstdError: "):

@@ -345,7 +345,7 @@ def test_atomic_write_uses_a_hidden_temp_file_next_to_the_destination(tmp_path, 
 def test_extras_encoding_follows_the_format():
     import zstandard
 
-    blob = bytes(range(256)) * 3 + b"\x07"  # 769 bytes: padded to 772, 4 planes of 193
+    blob = np.random.default_rng(0).standard_normal(4096).astype("<f4").tobytes() + b"\x07"  # padded by 3
     stored = container.encode_extras(blob)
     padded = blob + b"\x00" * 3
     planes = b"".join(padded[k::4] for k in range(4))
