@@ -15,6 +15,7 @@ statistics and then apply the folded scale.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
@@ -321,7 +322,7 @@ def _head_shape(w: torch.Tensor, scale: torch.Tensor | None, metadata: dict[str,
         raise FormatError(f"{where}: extra 'head.weight' is {w.dtype} (a {bits}-bit head) but metadata "
                           f"'head.bits' is {metadata.get('head.bits')!r}: the file is damaged")
     raw = metadata.get("head.in_features", "")
-    cols = int(raw) if raw.isdigit() else 0
+    cols = int(raw) if re.fullmatch(r"[0-9]{1,9}", raw) else 0
     if cols < 1 or w.shape[1] != (cols if bits == 8 else (cols + 1) // 2):
         raise FormatError(f"{where}: metadata 'head.in_features' {raw!r} does not fit the {bits}-bit "
                           f"'head.weight' of shape {tuple(w.shape)}: the file is damaged")
@@ -363,6 +364,10 @@ def decode_head(extras: dict[str, torch.Tensor], metadata: dict[str, str],
     if bad:
         raise FormatError(f"{where}: extra 'head.weight' holds values outside the symmetric {bits}-bit range "
                           "or non-zero padding: the file is damaged")
+    weight = dequantize_head(q, scale)
+    if not bool(torch.isfinite(weight).all()):
+        raise FormatError(f"{where}: extra {HEAD_SCALE!r} overflows float32 times 'head.weight': the file "
+                          "is damaged")
     out = {k: v for k, v in extras.items() if k != HEAD_SCALE}
-    out["head.weight"] = dequantize_head(q, scale)
+    out["head.weight"] = weight
     return out

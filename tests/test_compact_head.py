@@ -105,6 +105,8 @@ def _rewrite(tmp_path, path, net, extras, metadata):
     ("scale zero", "'head.weight_scale' holds a zero, negative or non-finite scale"),
     ("no bits", "metadata 'head.bits' is None"),
     ("width", "metadata 'head.in_features' '9' does not fit the 8-bit 'head.weight' of shape \\(5, 7\\)"),
+    ("width text", "metadata 'head.in_features' '\u00b2' does not fit"),
+    ("scale huge", "'head.weight_scale' overflows float32 times 'head.weight'"),
     ("-128", "'head.weight' holds values outside the symmetric 8-bit range"),
     ("int16", "'head.weight' has dtype torch.int16"),
     ("float with scale", "'head.weight_scale' or metadata 'head.bits' without an integer 'head.weight'"),
@@ -123,6 +125,10 @@ def test_damaged_int8_heads_are_refused(tmp_path, case, msg):
         del meta["head.bits"]
     elif case == "width":
         meta["head.in_features"] = "9"
+    elif case == "width text":
+        meta["head.in_features"] = "\u00b2"  # a digit to str.isdigit, not to int()
+    elif case == "scale huge":
+        extras["head.weight_scale"] = torch.full((5,), 1e37)  # finite, but 127 x 1e37 is not
     elif case == "-128":
         extras["head.weight"][0, 0] = -128
     elif case == "int16":
