@@ -19,6 +19,7 @@ from torch import nn
 
 from .backbones.hashing import backbone_hash, state_dict_hash
 from .errors import BackboneMismatchError, ConfigError, FormatError
+from .extras import decode_head
 from .model import TaskModel
 from .storage import container
 from .storage.atomic import leftover_temp_files
@@ -300,21 +301,29 @@ class MaskFile:
 
     @functools.cached_property
     def extras(self) -> dict[str, torch.Tensor]:
-        """The extras (head, BN statistics ...) as tensors; ``{}`` when the file has none.
+        """The extras (head, BN statistics ...) as a model takes them; ``{}`` when the file has none.
+        A quantised head (``head_bits``) comes dequantised to float32.
 
         Refuses extras over ``container.MAX_EXTRAS_DECODED`` bytes: see :meth:`read_extras`.
         """
         return self.read_extras()
 
-    def read_extras(self, *, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    def read_extras(self, *, max_bytes: int | None = None,
+                    dequantize: bool = True) -> dict[str, torch.Tensor]:
         """Decode the extras.
 
         Args:
             max_bytes: refuse, before decompressing, extras that declare more bytes than this
                 (default ``container.MAX_EXTRAS_DECODED``, 64 MiB; decoding costs about twice that).
+            dequantize: turn a quantised ``head.weight`` (int8 / packed uint8 with
+                ``head.weight_scale``, docs/format.md) into the float32 head a model takes; False
+                gives the tensors as stored (to write them again unchanged).
 
         Returns:
             ``{name: tensor}``; ``{}`` when the file has none.
+
+        Raises:
+            FormatError: a damaged blob, or a quantised head without a valid scale or metadata.
         """
         if self._info.extras is None:
             return {}
@@ -325,9 +334,10 @@ class MaskFile:
         from safetensors.torch import load as st_load
 
         try:
-            return st_load(raw)
+            stored = st_load(raw)
         except Exception as exc:  # safetensors raises its own error types on malformed blobs
             raise FormatError(f"{self.path}: extras are not a valid safetensors blob ({exc})") from exc
+        return decode_head(stored, self.metadata, self.path) if dequantize else stored
 
     def check_backbone(self, backbone) -> None:
         """Raise :class:`BackboneMismatchError` unless ``backbone`` has the hash stored in the file."""

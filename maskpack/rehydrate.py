@@ -50,6 +50,9 @@ def build_head(extras: dict[str, torch.Tensor]) -> nn.Module | None:
     w = extras.get("head.weight")
     if w is None:
         return None
+    if not w.is_floating_point() or "head.weight_scale" in extras:
+        raise FormatError(f"extra 'head.weight' ({w.dtype}) is a quantised head as stored (int8 / uint8 with "
+                          "'head.weight_scale'): take the extras from MaskFile.extras, which dequantises it")
     if w.ndim != 2:
         raise FormatError(f"extra 'head.weight' must be 2-D (classes, features), got shape {tuple(w.shape)}")
     bias = extras.get("head.bias")

@@ -89,9 +89,12 @@ def tiny_cifar100(tmp_path, monkeypatch):
     return root
 
 
-def _fake_pair(tmp_path, backbone, *, fft_backbone=None):
-    """A .mask file and a model.safetensors made directly (no training), with metrics beside them."""
+def _fake_pair(tmp_path, backbone, *, fft_backbone=None, head_bits=None):
+    """A .mask file and a model.safetensors made directly (no training), with metrics beside them
+    (``head_bits``: the task stores its head as per-class int8 / int4)."""
     from safetensors.torch import save_file
+
+    from maskpack.extras import head_metadata, stored_extras
 
     g = torch.Generator().manual_seed(0)
     net = backbone.model
@@ -100,7 +103,9 @@ def _fake_pair(tmp_path, backbone, *, fft_backbone=None):
     mdir, fdir = tmp_path / "m", tmp_path / "f"
     mdir.mkdir()
     fdir.mkdir()
-    maskpack.save(mdir / "task.mask", masks, backbone, extras=head, metadata={"dataset": "digits"})
+    stored = stored_extras(head, "bfloat16", head_bits) if head_bits else head
+    maskpack.save(mdir / "task.mask", masks, backbone, extras=stored,
+                  metadata={"dataset": "digits", **head_metadata(head["head.weight"], head_bits)})
     (mdir / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "accuracy": 0.5}) + "\n")
     fb = fft_backbone or backbone
     state = {f"backbone.{k}": (v + 1e-3 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v)
@@ -141,6 +146,17 @@ def test_bench_existing_files_table_and_json(tmp_path, tiny_registry):
     best = min(r["compressed_bytes"] for r in d["fp32"]) / min(r["compressed_bytes"] for r in d["mask"])
     assert d["ratios"]["honest"] == pytest.approx(best)
     assert f"{d['ratios']['honest']:.1f}x smaller" in res.output
+
+
+def test_bench_measures_a_quantised_head_as_stored(tmp_path, tiny_registry):
+    mask, ft = _fake_pair(tmp_path, _tiny_backbone(), head_bits=4)
+    out = tmp_path / "res.json"
+    res = _invoke(["bench", "--mask", str(mask), "--finetuned", str(ft), "--json", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(out.read_text())
+    assert d["whole"]["mask_file_parts"]["total"] == mask.stat().st_size  # not re-encoded as float
+    # the head's raw bytes: 10 x 32 weights as 10 x 16 bytes, 10 bfloat16 scales, 10 bfloat16 biases
+    assert d["whole"]["mask_extras_bytes"] == 10 * 16 + 10 * 2 + 10 * 2
 
 
 def test_bench_quiet_and_plot(tmp_path, tiny_registry):

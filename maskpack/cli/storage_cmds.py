@@ -32,9 +32,9 @@ def _pack_checkpoint(src: Path, out: str, codec: str, level: int | None, weights
     metadata.setdefault("mask.scale", "true" if ckpt["scale"] else "false")
     extras = ckpt["extras"]
     if "extras.dtype" in metadata:  # a finished run's extras, rounded to the precision it stores
-        from maskpack.extras import cast_extras
+        from maskpack.extras import head_bits_of, stored_extras
 
-        extras = cast_extras(extras, metadata["extras.dtype"])
+        extras = stored_extras(extras, metadata["extras.dtype"], head_bits_of(metadata, str(src)))
     maskpack.save(out, masks_from_checkpoint(ckpt), backbone, extras=extras, metadata=metadata,
                   codec=codec, level=level)
 
@@ -45,8 +45,9 @@ def _repack(src: Path, out: str, codec: str, level: int | None, backbone_name: s
 
     mf = maskpack.read(src)
     backbone = maskpack.load_backbone(backbone_name or mf.backbone_name, weights=weights)
-    maskpack.save(out, mf.masks(backbone), backbone, extras=mf.extras, metadata=mf.metadata,
-                  codec=codec, level=level)
+    # the extras as stored (a quantised head stays quantised)
+    maskpack.save(out, mf.masks(backbone), backbone, extras=mf.read_extras(dequantize=False),
+                  metadata=mf.metadata, codec=codec, level=level)
 
 
 @main.command()

@@ -406,5 +406,6 @@ def compare_files(mask_path: str | os.PathLike, finetuned_path: str | os.PathLik
            "fft": read_metrics(finetuned_path).get("accuracy")}
     info = dict(info or {}) | {"mask_path": mask_path, "finetuned_path": os.fspath(finetuned_path),
                                "mask_dataset": mf.metadata.get("dataset"), "fft_dataset": meta.get("dataset")}
-    return compare(masks, backbone, state, mask_extras=mf.extras, mask_metadata=dict(mf.metadata),
+    return compare(masks, backbone, state, mask_extras=mf.read_extras(dequantize=False),
+                   mask_metadata=dict(mf.metadata),
                    accuracy=acc, progress=progress, info=info, workers=workers)

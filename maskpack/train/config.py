@@ -13,7 +13,7 @@ from typing import Any
 
 from ..bn import BN_MODES
 from ..errors import ConfigError, DataError
-from ..extras import EXTRAS_DTYPES
+from ..extras import EXTRAS_DTYPES, check_head_bits
 
 METHODS = ("mask", "topk", "fft")
 # train_bn_affine on every BN layer, or only on the BN right after each masked layer
@@ -140,6 +140,7 @@ class TrainConfig:
     bn_affine_scope: str | None = None  # train_bn_affine on "all" BN layers or the "masked" layers' own BN
     bn_fold: bool | None = None  # masks: fold adapted BN layers into scale/shift at the end (fewer extras)
     extras_dtype: str | None = None  # masks: float32 | bfloat16 | float16; extras rounded to it at the end
+    head_bits: int | None = None  # masks: 8 | 4 stores head.weight as per-class int8 / int4; None or 0: off
     score_grad_norm: bool | None = None  # masks: divide each score tensor's gradient by its mean |g|
     sync_bn: bool = False  # under torchrun (CUDA): SyncBatchNorm, batch statistics over the global batch
     # SwAV
@@ -287,6 +288,11 @@ def _fill_extras(c: TrainConfig, rec: dict[str, Any]) -> None:
             setattr(c, key, _per_method(rec[key], c.method))
     if c.extras_dtype not in EXTRAS_DTYPES:
         raise ConfigError(f"unknown extras_dtype {c.extras_dtype!r}: use one of {', '.join(EXTRAS_DTYPES)}")
+    c.head_bits = check_head_bits(c.head_bits)
+    if c.head_bits and (c.method == "fft" or c.objective != "supervised"):
+        raise ConfigError(f"head_bits {c.head_bits} quantises the head of a supervised mask task (method "
+                          f"mask or topk), not method {c.method!r} objective {c.objective!r}: leave "
+                          "head_bits unset")
     if c.bn_affine_scope not in BN_AFFINE_SCOPES:
         raise ConfigError(f"unknown bn_affine_scope {c.bn_affine_scope!r}: use one of "
                           f"{', '.join(BN_AFFINE_SCOPES)}")

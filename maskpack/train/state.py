@@ -12,7 +12,7 @@ from .. import distributed, masking
 from ..bn import BatchNorm, bn_buffer_names
 from ..checkpoint import build_checkpoint, save_checkpoint
 from ..errors import FormatError
-from ..extras import cast_extras, fold_bn_, round_tensors_
+from ..extras import dequantize_head, fold_bn_, head_metadata, quantize_head, round_tensors_, stored_extras
 from ..io import save, save_finetuned
 from ..objectives import SwAVObjective, queue_from_global, queue_to_global
 from .build import named_trainables
@@ -61,7 +61,8 @@ def _fold_layers(s: RunState) -> list[torch.nn.Module]:
 def finalize_task_(s: RunState) -> None:
     """Turn the trained model into the task as stored (masks only; once, at the end of the run, after
     BN re-estimation and before the final evaluation): fold the adapted BN layers (``bn_fold``) and
-    round the extras to ``extras_dtype`` in place, so the evaluated model is the stored one."""
+    round the extras to ``extras_dtype`` (the head weight to its ``head_bits`` values when set) in
+    place, so the evaluated model is the stored one."""
     c = s.config
     if not s.masked or s.finalized:
         return
@@ -69,7 +70,11 @@ def finalize_task_(s: RunState) -> None:
         for bn in _fold_layers(s):
             fold_bn_(bn)
     state = s.model.state_dict()
-    round_tensors_(((n, state[n]) for n in task_extras(s)), c.extras_dtype)
+    quantized = {"head.weight"} if c.head_bits else set()
+    round_tensors_(((n, state[n]) for n in task_extras(s) if n not in quantized), c.extras_dtype)
+    if c.head_bits:  # the head as a loader rebuilds it from its int8 / int4 values and scales
+        w = state["head.weight"]
+        w.copy_(dequantize_head(*quantize_head(w, c.head_bits, c.extras_dtype)).to(w))
     s.finalized = True
 
 
@@ -85,7 +90,8 @@ def task_metadata(s: RunState) -> dict[str, str]:
         "classes": json.dumps(s.data.classes), "epochs": str(s.epoch), "recipe": c.recipe,
         "mean": json.dumps(list(s.backbone.mean)), "std": json.dumps(list(s.backbone.std)),
         # set once finalize_task_ has rounded (and folded) the extras
-        **({"extras.dtype": c.extras_dtype, "bn.folded": "true" if c.bn_fold else "false"}
+        **({"extras.dtype": c.extras_dtype, "bn.folded": "true" if c.bn_fold else "false",
+            **(head_metadata(s.model.head.weight, c.head_bits) if c.head_bits else {})}
            if s.finalized else {}),
     }
 
@@ -163,8 +169,9 @@ def save_task(s: RunState, masks: dict[str, torch.Tensor], extras: dict[str, tor
     meta = task_metadata(s)
     if s.masked:
         path = s.out / "task.mask"
-        save(path, masks, s.backbone, extras=cast_extras(extras, s.config.extras_dtype), metadata=meta,
-             codec=s.config.codec)
+        # a quantised head: finalize_task_ left q * scale in the model, which quantises to the same q, scale
+        stored = stored_extras(extras, s.config.extras_dtype, s.config.head_bits)
+        save(path, masks, s.backbone, extras=stored, metadata=meta, codec=s.config.codec)
         return path
     path = s.out / "model.safetensors"
     save_finetuned(path, s.model.state_dict(), meta)
