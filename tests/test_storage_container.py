@@ -257,7 +257,7 @@ def test_extras_are_byte_shuffled_and_compressed(tmp_path):
     stored = container.encode_extras(blob)
     assert len(stored) < len(blob) // 2
     entry = container.ExtrasEntry(0, len(stored), zlib.crc32(stored), len(blob))
-    assert container.decode_extras(stored, entry, "x") == blob
+    assert container.decode_extras(stored, entry, "x", 1 << 20) == blob
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -352,6 +352,6 @@ def test_extras_encoding_follows_the_format():
     assert stored == zstandard.ZstdCompressor(level=19, write_content_size=True,
                                               write_checksum=False).compress(planes)
     entry = container.ExtrasEntry(0, len(stored), zlib.crc32(stored), len(blob))
-    assert container.decode_extras(stored, entry, "x") == blob
+    assert container.decode_extras(stored, entry, "x", 1 << 20) == blob
     with pytest.raises(FormatError, match="x: extras are not a zstd frame"):
-        container.decode_extras(b"\x00" * 8, entry, "x")
+        container.decode_extras(b"\x00" * 8, entry, "x", 1 << 20)

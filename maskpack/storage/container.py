@@ -201,15 +201,15 @@ def check_extras_size(entry: ExtrasEntry, max_bytes: int, where: str) -> None:
                     f"the file is trusted, pass max_bytes={entry.size} to read_extras()")
 
 
-def decode_extras(stored: bytes, entry: ExtrasEntry, where: str,
-                  max_bytes: int = MAX_EXTRAS_DECODED) -> bytes:
+def decode_extras(stored: bytes, entry: ExtrasEntry, where: str, max_bytes: int) -> bytes:
     """Inverse of :func:`encode_extras`; never produces more than ``entry.size`` (+3) bytes.
 
     Args:
         stored: the stored blob (crc already checked).
         entry: its header entry.
         where: the file name, for messages.
-        max_bytes: refuse (before decompressing) extras that declare more bytes than this.
+        max_bytes: refuse (before decompressing) extras that declare more bytes than this (the
+            caller's limit; ``MAX_EXTRAS_DECODED`` by default in :mod:`maskpack.io`).
 
     Returns:
         The safetensors bytes.
