@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import maskpack  # noqa: E402
 from maskpack import io as mio  # noqa: E402
 from maskpack import masking  # noqa: E402
+from maskpack.bn import reestimate_bn_  # noqa: E402
 from maskpack.storage import available_codecs, get_codec  # noqa: E402
 from maskpack.storage.entropy import TensorContexts, conditional_entropy_bits  # noqa: E402
 
@@ -79,6 +80,9 @@ def train_masks(epochs: int, size: int, seed: int = 0) -> tuple[dict, dict]:
             loss.backward()
             opt.step()
             step += 1
+        # The masked weights differ from the ones the ImageNet BN statistics were measured on:
+        # re-estimate them on the training images (as the trainer does) before evaluating.
+        reestimate_bn_(net, ((xtr[i:i + 64], None) for i in range(0, len(xtr), 64)), amp=False)
         net.eval()
         with torch.no_grad():
             acc = (head(net(xte)).argmax(1) == yte).float().mean().item()

@@ -28,8 +28,12 @@ if [ ${#TARGETS[@]} -eq 0 ]; then
 fi
 # The fast tests that exercise those files (seconds each; no training runs).
 TESTS=(tests/test_storage_container.py tests/test_storage_codecs.py tests/test_io.py
-       tests/test_rehydrate.py tests/test_masking.py tests/test_theorems.py
+       tests/test_io_contracts.py tests/test_rehydrate.py tests/test_masking.py
+       tests/test_masking_fused.py tests/test_theorems.py tests/test_hostile.py
        tests/test_validation_rules.py tests/test_validation_rules_data.py)
+# Whole training runs (a minute each) that other tests in these files cover in pieces.
+DESELECT=(tests/test_masking_fused.py::test_trainer_compile_option_trains_the_same_masks
+          tests/test_masking_fused.py::test_compiled_channels_last_training_rehydrates_bit_identically)
 if [ -n "${MUTATION_TESTS:-}" ]; then read -r -a TESTS <<< "$MUTATION_TESTS"; fi
 PRESENT=()
 for t in "${TESTS[@]}"; do [ -f "$ROOT/$t" ] && PRESENT+=("$t"); done
@@ -43,6 +47,8 @@ rm -rf "$WORK/maskpack" "$WORK/tests"
 cp -r "$ROOT/maskpack" "$WORK/maskpack"
 mkdir -p "$WORK/tests"
 cp "$ROOT/tests/conftest.py" "$ROOT/tests/mask_files.py" "${TESTS[@]/#/$ROOT/}" "$WORK/tests/"
+rm -rf "$WORK/bench" && mkdir -p "$WORK/bench"
+cp "$ROOT"/bench/fuzz*.py "$WORK/bench/"  # tests/test_hostile.py runs the fuzz harness
 find "$WORK/maskpack" -name __pycache__ -prune -exec rm -rf {} +
 # pytest options (markers, filters) without any [tool.mutmut] table: the config is setup.cfg.
 sed -n '/^\[tool.pytest.ini_options\]/,/^$/p' "$ROOT/pyproject.toml" > "$WORK/pyproject.toml"
@@ -59,6 +65,7 @@ sed -n '/^\[tool.pytest.ini_options\]/,/^$/p' "$ROOT/pyproject.toml" > "$WORK/py
     echo "    no:cacheprovider"
     echo "    -x"
     echo "    -q"
+    for d in "${DESELECT[@]}"; do echo "    --deselect"; echo "    $d"; done
     # A mutant that makes a test loop (e.g. a varint reader that never ends) is stopped at
     # 3x the test's clean time + 5 s and counted as killed ("timeout").
     echo "timeout_multiplier = 3.0"
