@@ -56,6 +56,8 @@ sed -n '/^\[tool.pytest.ini_options\]/,/^$/p' "$ROOT/pyproject.toml" > "$WORK/py
 {
     echo "[mutmut]"
     echo "source_paths = maskpack"
+    echo "also_copy ="
+    echo "    bench"
     echo "only_mutate ="
     printf '    %s\n' "${TARGETS[@]}"
     echo "pytest_add_cli_args_test_selection ="

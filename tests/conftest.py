@@ -105,3 +105,19 @@ def assert_same_run(a, b) -> None:
 def same_run():
     """:func:`assert_same_run`, for tests that resume a run and claim it is identical."""
     return assert_same_run
+
+
+@pytest.fixture
+def good(tmp_path) -> bytes:
+    """A small valid raw-codec ``.mask`` file's bytes (tests/mask_files.py builds hostile variants)."""
+    from mask_files import save_good
+
+    return save_good(tmp_path)
+
+
+@pytest.fixture
+def good_zstd(tmp_path) -> bytes:
+    """The same file with the zstd codec."""
+    from mask_files import save_good
+
+    return save_good(tmp_path, "zstd", name="good_zstd.mask")

@@ -39,16 +39,6 @@ from maskpack.errors import CodecError, FormatError
 from maskpack.storage import container
 
 
-@pytest.fixture
-def good(tmp_path) -> bytes:
-    return save_good(tmp_path)
-
-
-@pytest.fixture
-def good_zstd(tmp_path) -> bytes:
-    return save_good(tmp_path, "zstd", name="good_zstd.mask")
-
-
 def test_the_valid_file_passes_every_stage(tmp_path, good, good_zstd):
     for data in (good, good_zstd):
         got = load_all(tmp_path, data)

@@ -31,17 +31,6 @@ from maskpack.errors import BackboneMismatchError, CodecError, FormatError
 from maskpack.storage import container
 from maskpack.storage.codecs import get_codec
 
-
-@pytest.fixture
-def good(tmp_path) -> bytes:
-    return save_good(tmp_path)
-
-
-@pytest.fixture
-def good_zstd(tmp_path) -> bytes:
-    return save_good(tmp_path, "zstd", name="good_zstd.mask")
-
-
 # ------------------------------------------------------------------ payloads (checked when read)
 
 
