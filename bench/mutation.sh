@@ -28,7 +28,7 @@ if [ ${#TARGETS[@]} -eq 0 ]; then
 fi
 # The fast tests that exercise those files (seconds each; no training runs).
 TESTS=(tests/test_storage_container.py tests/test_storage_codecs.py tests/test_io.py
-       tests/test_io_contracts.py tests/test_rehydrate.py tests/test_masking.py
+       tests/test_io_contracts.py tests/test_storage_contracts.py tests/test_rehydrate.py tests/test_masking.py
        tests/test_masking_fused.py tests/test_theorems.py tests/test_hostile.py
        tests/test_validation_rules.py tests/test_validation_rules_data.py)
 # Whole training runs (a minute each) that other tests in these files cover in pieces.

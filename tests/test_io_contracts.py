@@ -155,3 +155,36 @@ def test_write_text_replaces_the_file_whole(tmp_path):
     io.write_text(tmp_path / "c.json", "{}\n")
     assert (tmp_path / "c.json").read_text() == "{}\n"
     assert io.leftover_temp_files(tmp_path) == []
+
+
+def test_missing_files_raise_enoent_with_their_name(tmp_path, tiny_net):
+    import errno
+
+    for call in (lambda p: io.load_finetuned(p), lambda p: io.load_task(p, _backbone(tiny_net))):
+        with pytest.raises(FileNotFoundError) as info:
+            call(tmp_path / "none.safetensors")
+        assert info.value.errno == errno.ENOENT and info.value.filename == str(tmp_path / "none.safetensors")
+
+
+def test_load_task_refuses_a_fine_tune_missing_a_tensor(tmp_path, tiny_net):
+    state = _task_state(tiny_net)
+    del state["backbone.bn1.running_mean"]
+    io.save_finetuned(tmp_path / "m.safetensors", state, {})
+    missing = "(?s)does not match backbone 'tiny': .*Missing key.*bn1.running_mean"
+    with pytest.raises(FormatError, match=missing):
+        io.load_task(tmp_path / "m.safetensors", _backbone(tiny_net))
+
+
+def test_a_head_still_in_its_stored_form_is_refused():
+    from maskpack.rehydrate import build_head
+
+    msg = ("extra 'head.weight' ({}) is a quantised head as stored (int8 / uint8 with 'head.weight_scale'): "
+           "take the extras from MaskFile.extras, which dequantises it")
+    scaled_float = {"head.weight": torch.ones(3, 4), "head.weight_scale": torch.ones(3)}
+    stored_int = {"head.weight": torch.ones(3, 4, dtype=torch.int8)}
+    for extras, dtype in ((scaled_float, torch.float32), (stored_int, torch.int8)):
+        with pytest.raises(FormatError) as info:
+            build_head(extras)
+        assert str(info.value) == msg.format(dtype)
+    head = build_head({"head.weight": torch.ones(3, 4), "head.bias": torch.zeros(3)})
+    assert head.weight.shape == (3, 4) and torch.equal(head.bias, torch.zeros(3))

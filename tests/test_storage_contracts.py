@@ -1,0 +1,82 @@
+"""Narrow promises of the storage layer, each checked on its own: the general codecs on raw bytes
+(as `maskpack bench` uses them), the temp-file owner check, and the entropy helpers' inputs."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from maskpack.errors import CodecError
+from maskpack.storage import atomic, available_codecs, get_codec
+from maskpack.storage.entropy import conditional_entropy_bits
+
+GENERAL = [c for c in available_codecs() if c != "ans"]
+
+
+@pytest.mark.parametrize("name", GENERAL)
+def test_general_codecs_round_trip_bytes_at_each_level(name):
+    codec = get_codec(name)
+    data = bytes(range(256)) * 40 + b"tail"
+    for level in (None, codec.check_level(None)):
+        stored = codec.compress(data, level)
+        assert codec.decompress(stored, len(data)) == data
+        if name != "raw":
+            assert len(stored) < len(data)  # it did compress: the codec's encoder ran on the data
+    assert codec.decompress(codec.compress(b""), 0) == b""
+
+
+def test_compress_uses_the_level_it_is_given():
+    zstd = get_codec("zstd")
+    data = np.random.default_rng(0).integers(0, 4, 200_000, dtype=np.uint8).tobytes()
+    fast, best = zstd.compress(data, 1), zstd.compress(data, 19)
+    assert len(best) < len(fast)
+    with pytest.raises(CodecError, match=r"^codec 'zstd' takes levels 1\.\.22, got 99$"):
+        zstd.compress(data, 99)
+
+
+def test_raw_compress_is_the_identity():
+    raw = get_codec("raw")
+    assert raw.compress(b"\x01\x02\x03") == b"\x01\x02\x03"
+    assert raw.decompress(memoryview(b"\x01\x02"), 2) == b"\x01\x02"
+
+
+def test_decompress_caps_its_output_at_the_declared_size():
+    zstd = get_codec("zstd")
+    stored = zstd.compress(b"\x00" * 1000)
+    with pytest.raises(CodecError, match="^zstd payload declares 1000 bytes, expected 10$"):
+        zstd.decompress(stored, 10)
+
+
+def test_ans_codes_masks_only_with_an_exact_message():
+    ans = get_codec("ans")
+    with pytest.raises(CodecError) as info:
+        ans.compress(b"abc")
+    assert str(info.value) == "codec 'ans' codes masks only; compress bytes with a general codec"
+    with pytest.raises(CodecError) as info:
+        ans.decompress(b"abc", 3)
+    assert str(info.value) == "codec 'ans' codes masks only; decompress bytes with a general codec"
+
+
+def test_pid_alive_tells_live_dead_and_impossible_pids_apart():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert atomic._pid_alive(child.pid)
+        assert child.poll() is None  # asking did not signal it
+    finally:
+        child.kill()
+        child.wait()
+    assert not atomic._pid_alive(child.pid)  # reaped: the pid is free
+    assert atomic._pid_alive(os.getpid()) and atomic._pid_alive(1)
+    assert not atomic._pid_alive(0) and not atomic._pid_alive(-5)
+    assert not atomic._pid_alive(1 << 40)  # beyond pid_t
+
+
+def test_conditional_entropy_reads_any_truthy_array_as_a_mask():
+    rng = np.random.default_rng(0)
+    absw = rng.random(4096).astype(np.float32)
+    mask = absw > 0.3
+    as_ints = mask.astype(np.int64) * 3  # 0 / 3: truthy, not 0 / 1
+    assert conditional_entropy_bits(as_ints, absw, 4) == conditional_entropy_bits(mask, absw, 4)
+    assert conditional_entropy_bits(mask.reshape(64, 64), absw, 4) == conditional_entropy_bits(mask, absw, 4)
