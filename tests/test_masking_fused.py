@@ -271,6 +271,25 @@ def test_dot_matches_the_product_sum_for_any_layout():
     assert torch.allclose(masking._dot(p, q_cl), (p * q).sum(), rtol=1e-5)
 
 
+def test_dense_and_same_layout_follow_their_definitions():
+    base = torch.empty(4, 1, 3)
+    assert masking._dense(base) and masking._dense(base.transpose(0, 2))
+    odd_unit = base.as_strided((4, 1, 3), (3, 99, 1))  # a size-1 dimension's stride is irrelevant
+    assert masking._dense(odd_unit) and masking._same_layout(base, odd_unit)
+    assert not masking._dense(torch.empty(2, 3)[:, :2])  # rows of 3 with a gap: not consecutive
+    assert not masking._dense(torch.empty(4, 6)[:, ::2]) and not masking._dense(torch.empty(5, 4)[1:4, 1:3])
+    assert not masking._same_layout(torch.empty(2, 3), torch.empty(3, 2).t())  # same shape, other order
+    assert not masking._same_layout(torch.empty(2, 3), torch.empty(3, 2))
+
+
+def test_count_is_exact_past_float32_integers():
+    n = (1 << 24) + 3  # float32 holds every integer only up to 2**24
+    ones = torch.ones(n)
+    got = masking._count(ones)
+    assert got.dtype == torch.float32 and got.item() == float(torch.tensor(float(n)).float())
+    assert masking._count(torch.ones(5, dtype=torch.float64)).dtype == torch.float64
+
+
 def test_trainer_compile_option_trains_the_same_masks():
     """``TrainConfig(compile=True)`` (``maskpack train --compile``) takes the fused path and learns
     the same masks as the per-layer path on the CPU (scores within float rounding)."""
