@@ -384,3 +384,57 @@ def test_header_length_limit_message_is_exact(tmp_path, good, monkeypatch):
         read_file(tmp_path, pack_file(_padded_header(good, 4097), split_file(good)[1]))
     expected = "header length 4097 is over the limit 4096 (corrupted or hostile file)"
     assert str(info.value) == f"{tmp_path / 'bad.mask'}: {expected}"
+
+
+# ------------------------------------------- metadata, names and counts: the reader and the writer
+
+def _save(tmp_path, **kw):
+    maskpack.save(tmp_path / "w.mask", fixed_masks(), fixed_net(), codec="raw", **kw)
+
+
+def test_metadata_and_count_limits_name_the_file(tmp_path, good):
+    from maskpack.storage.header import MAX_METADATA_BYTES
+
+    text = "v" * MAX_METADATA_BYTES  # with the key "k": one byte over
+    for mutate, message in [
+        (set_field("metadata", {"k": text}), f"metadata holds {MAX_METADATA_BYTES + 1} bytes of text, more "
+                                              f"than the limit {MAX_METADATA_BYTES}"),
+        (set_field("backbone/name", "n" * 1025), "header backbone name must be valid text of at most 1024 "
+                                                 "characters"),
+    ]:
+        with pytest.raises(FormatError) as info:
+            read_file(tmp_path, rewrite_header(good, mutate))
+        assert str(info.value) == f"{tmp_path / 'bad.mask'}: {message}"
+    read_file(tmp_path, rewrite_header(good, set_field("backbone/name", "n" * 1024)))  # at the limit
+
+
+def test_a_lone_surrogate_in_metadata_is_refused_by_the_reader(tmp_path, good):
+    text = json.dumps({**split_file(good)[0], "metadata": {"k\ud800": "v"}}).encode()  # escaped: valid JSON
+    with pytest.raises(FormatError) as info:
+        read_file(tmp_path, pack_file(deflate(text), split_file(good)[1]))
+    assert str(info.value) == (f"{tmp_path / 'bad.mask'}: metadata 'k\\ud800' is not valid Unicode text "
+                               "(lone surrogate)")
+
+
+@pytest.mark.parametrize("metadata,message", [
+    ({f"k{i}": "" for i in range(1025)}, "metadata has 1025 keys, more than the limit 1024"),
+    ({"x" * 257: ""}, f"metadata key {'x' * 40!r}... has 257 characters, more than the limit 256"),
+    ({"k": "\ud800"}, "metadata 'k' is not valid Unicode text (lone surrogate)"),
+    ({"k": "v" * (1 << 20)}, "metadata holds 1048577 bytes of text, more than the limit 1048576"),
+], ids=["keys", "key length", "surrogate", "text"])
+def test_the_writer_refuses_what_the_reader_would(tmp_path, metadata, message):
+    with pytest.raises(FormatError) as info:
+        _save(tmp_path, metadata=metadata)
+    assert str(info.value) == f"<new file>: {message}"
+    assert not (tmp_path / "w.mask").exists()
+
+
+def test_the_writer_refuses_a_header_over_the_inflate_limit(tmp_path, monkeypatch):
+    from maskpack.storage import header as hdr
+
+    monkeypatch.setattr(hdr, "inflate_limit", lambda n: 600)
+    over = (r"^<new file>: the header would inflate from \d+ to \d+ bytes, over the reader's limit 600: "
+            r"store fewer tensors or less metadata$")
+    with pytest.raises(FormatError, match=over):
+        _save(tmp_path, metadata={"k": "v" * 400})
+    _save(tmp_path, metadata={"k": "v"})  # a header under the limit is written

@@ -137,10 +137,10 @@ def build(*, backbone_name: str, backbone_hash: str, codec: str,
         blobs.append(stored)
     header = {"backbone": {"name": backbone_name, "sha256": backbone_hash}, "codec": codec,
               "tensors": entries, "extras": extras_entry, "metadata": dict(metadata)}
+    _validate(header, sum(len(b) for b in blobs), where="<new file>")  # never write bad files
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     packer = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
     hdr = packer.compress(text) + packer.flush()
-    _validate(header, sum(len(b) for b in blobs), where="<new file>")  # never write bad files
     limit = hdr_limits.inflate_limit(len(hdr))
     if len(text) > limit:
         raise _fail("<new file>", f"the header would inflate from {len(hdr)} to {len(text)} bytes, over the "
