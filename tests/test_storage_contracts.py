@@ -80,3 +80,36 @@ def test_conditional_entropy_reads_any_truthy_array_as_a_mask():
     as_ints = mask.astype(np.int64) * 3  # 0 / 3: truthy, not 0 / 1
     assert conditional_entropy_bits(as_ints, absw, 4) == conditional_entropy_bits(mask, absw, 4)
     assert conditional_entropy_bits(mask.reshape(64, 64), absw, 4) == conditional_entropy_bits(mask, absw, 4)
+
+
+def _bucket_cases():
+    rng = np.random.default_rng(7)
+    absw = rng.random(20000).astype(np.float32)
+    cases = {"ramp": (absw > rng.random(20000) ** 0.3, absw),
+             "independent": (rng.random(20000) > 0.05, absw),
+             "weak": (rng.random(20000) > 0.05 + 0.04 * absw, absw),
+             "step": (absw > 0.02, absw),
+             "small": (rng.random(50) > 0.5, absw[:50]),
+             "ones": (np.ones(5000, bool), absw[:5000]),
+             "ties": (rng.random(4096) > 0.3, np.repeat(np.float32([0.1, 0.2, 0.3, 0.4]), 1024))}
+    for n, s in ((2000, 0.4), (4000, 0.2)):
+        g = np.random.default_rng(3)
+        a = g.random(n).astype(np.float32)
+        cases[f"linear-{n}"] = (g.random(n) > s * a, a)
+    return cases
+
+
+# (log2 of the bucket count the encoder chose, payload bytes), recorded 2026-11-28: the encoder
+# picks the count that minimises entropy + count bytes, so a change to that cost shows up here.
+CHOSEN = {"ramp": (4, 1185), "independent": (0, 708), "weak": (1, 905), "step": (4, 177), "small": (0, 14),
+          "ones": (0, 3), "ties": (0, 455), "linear-2000": (2, 181), "linear-4000": (2, 237)}
+
+
+@pytest.mark.parametrize("name", list(CHOSEN))
+def test_ans_chooses_the_bucket_count_with_the_smallest_cost(name):
+    from maskpack.storage.entropy import TensorContexts, decode_mask, encode_mask
+
+    mask, absw = _bucket_cases()[name]
+    payload = encode_mask(mask, TensorContexts(absw))
+    assert (payload[0], len(payload)) == CHOSEN[name]
+    assert np.array_equal(decode_mask(payload, mask.size, TensorContexts(absw)), mask)
