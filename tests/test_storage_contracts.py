@@ -2,8 +2,10 @@
 (as `maskpack bench` uses them), the temp-file owner check, and the entropy helpers' inputs."""
 
 import os
+import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -113,3 +115,38 @@ def test_ans_chooses_the_bucket_count_with_the_smallest_cost(name):
     payload = encode_mask(mask, TensorContexts(absw))
     assert (payload[0], len(payload)) == CHOSEN[name]
     assert np.array_equal(decode_mask(payload, mask.size, TensorContexts(absw)), mask)
+
+
+def test_leftovers_are_listed_oldest_first_with_their_owner(tmp_path):
+    now = time.time()
+    files = {".a.mask.maskpack-1-aaaa.tmp": now - 30,         # pid 1: alive
+             f".b.mask.maskpack-{os.getpid()}-bbbb.tmp": now,  # this process: alive, fresh
+             ".c.mask.maskpack-cccc.tmp": now - 7200}          # no pid (mkstemp naming), old
+    for name, mtime in files.items():
+        (tmp_path / name).write_bytes(b"x" * 3)
+        os.utime(tmp_path / name, (mtime, mtime))
+    (tmp_path / "target").write_bytes(b"")
+    (tmp_path / ".d.mask.maskpack-dddd.tmp").symlink_to(tmp_path / "target")  # not a file of its own
+    (tmp_path / ".e.mask.maskpack-eeee.tmp").mkdir()
+    got = atomic.leftover_temp_files(tmp_path)
+    assert [os.path.basename(x.path) for x in got] == list(files)[::-1][:1] + list(files)[:2]  # c, a, b
+    c, a, b = got
+    assert (c.pid, c.owner_alive, c.stale) == (None, False, True)
+    assert (a.pid, a.owner_alive, a.stale) == (1, True, False)
+    assert (b.owner_alive, b.stale, b.size) == (True, False, 3) and b.age_s < 0.5
+
+
+def test_temp_names_are_retried_not_reused(tmp_path, monkeypatch):
+    tokens = iter(["0000", "0000", "1111"])
+    monkeypatch.setattr(atomic.secrets, "token_hex", lambda n: next(tokens))
+    first, fd = atomic._temp_path(str(tmp_path), "t.mask")
+    os.write(fd, b"kept")
+    os.close(fd)
+    second, fd = atomic._temp_path(str(tmp_path), "t.mask")  # "0000" exists: the next token is tried
+    os.close(fd)
+    assert first != second and second.endswith("-1111.tmp")
+    assert open(first, "rb").read() == b"kept"
+    monkeypatch.setattr(atomic.secrets, "token_hex", lambda n: "0000")
+    full = f"^could not create a temp file in {re.escape(str(tmp_path))}$"
+    with pytest.raises(FileExistsError, match=full):
+        atomic._temp_path(str(tmp_path), "t.mask")
