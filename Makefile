@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # (torch>=2.2); set TORCH_PINS to install another pair.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,5 +27,10 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check maskpack tests bench
 
+# Mutation testing of the storage and loading code (about half an hour on 2 cores; not in CI).
+mutation: setup
+	$(PY) -m pip install -q 'mutmut>=3.2,<4'
+	bash bench/mutation.sh
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis .mutation
