@@ -151,3 +151,14 @@ def test_temp_names_are_retried_not_reused(tmp_path, monkeypatch):
     full = f"^could not create a temp file in {re.escape(str(tmp_path))}$"
     with pytest.raises(FileExistsError, match=full):
         atomic._temp_path(str(tmp_path), "t.mask")
+
+
+def test_decode_extras_checks_the_callers_limit_itself():
+    from maskpack.storage import container
+
+    blob = bytes(range(200))
+    stored = container.encode_extras(blob)
+    entry = container.ExtrasEntry(0, len(stored), 0, size=len(blob))
+    assert container.decode_extras(stored, entry, "f.mask", len(blob)) == blob
+    with pytest.raises(Exception, match=r"^f\.mask: extras declare 200 bytes, more than the limit 199: "):
+        container.decode_extras(stored, entry, "f.mask", len(blob) - 1)

@@ -438,3 +438,56 @@ def test_the_writer_refuses_a_header_over_the_inflate_limit(tmp_path, monkeypatc
     with pytest.raises(FormatError, match=over):
         _save(tmp_path, metadata={"k": "v" * 400})
     _save(tmp_path, metadata={"k": "v"})  # a header under the limit is written
+
+
+# ------------------------------------------------------------ the JSON parser's own limits, exactly
+
+def _text_file(tmp_path, good, text: str):
+    return read_file(tmp_path, pack_file(deflate(text.encode()), split_file(good)[1]))
+
+
+def _with_tensors(good, n: int) -> str:
+    """The valid header with ``n`` extra empty objects in a list: ``n`` more JSON objects."""
+    header = split_file(good)[0]
+    header["metadata"] = {}
+    text = json.dumps(header)
+    return text[:-1] + ', "pad": [' + ", ".join(["{}"] * n) + "]}"
+
+
+def test_json_object_count_limit_is_exact(tmp_path, good):
+    from maskpack.storage.header import MAX_OBJECTS
+
+    base = 1 + 1 + 1 + 2 + 1  # top level, backbone, metadata, two tensors, extras
+    with pytest.raises(FormatError) as info:
+        _text_file(tmp_path, good, _with_tensors(good, MAX_OBJECTS - base + 1))
+    assert str(info.value) == (f"{tmp_path / 'bad.mask'}: header has more than {MAX_OBJECTS} JSON objects "
+                               "(at most 16384 tensors); corrupted or hostile file")
+    with pytest.raises(FormatError, match="header keys must be"):  # at the limit: parsed, then refused
+        _text_file(tmp_path, good, _with_tensors(good, MAX_OBJECTS - base))
+
+
+def test_a_repeated_key_is_named_even_when_it_is_not_the_first(tmp_path, good):
+    text = json.dumps(split_file(good)[0])
+    with pytest.raises(FormatError) as info:
+        _text_file(tmp_path, good, text[:-1] + ', "codec": "raw"}')
+    expected = "header repeats the key 'codec': corrupted or hostile file"
+    assert str(info.value) == f"{tmp_path / 'bad.mask'}: {expected}"
+
+
+def test_twenty_digit_integers_are_parsed_and_twenty_one_refused(tmp_path, good):
+    text = json.dumps(split_file(good)[0])
+    twenty = text.replace('"active": 8', '"active": ' + "9" * 20)
+    parsed = r"active count must be an integer in 0\.\.12, got 9{20}$"  # parsed, then the field check
+    with pytest.raises(FormatError, match=parsed):
+        _text_file(tmp_path, good, twenty)
+    with pytest.raises(FormatError, match="header holds a 21-digit number, more than the limit 20"):
+        _text_file(tmp_path, good, text.replace('"active": 8', '"active": ' + "9" * 21))
+
+
+def test_a_lone_surrogate_in_the_backbone_name_is_refused(tmp_path, good):
+    text = json.dumps(split_file(good)[0]).replace('"name": "Sequential"', '"name": "Seq\\ud800"')
+    assert "\\ud800" in text
+    with pytest.raises(FormatError) as info:
+        _text_file(tmp_path, good, text)
+    assert str(info.value) == (f"{tmp_path / 'bad.mask'}: header backbone name must be valid text of at most "
+                               "1024 characters")
