@@ -188,3 +188,9 @@ def test_a_head_still_in_its_stored_form_is_refused():
         assert str(info.value) == msg.format(dtype)
     head = build_head({"head.weight": torch.ones(3, 4), "head.bias": torch.zeros(3)})
     assert head.weight.shape == (3, 4) and torch.equal(head.bias, torch.zeros(3))
+
+
+def test_backbone_tensors_lists_parameters_and_buffers_by_name(tiny_net):
+    got = io.backbone_tensors(tiny_net)
+    assert set(got) == set(tiny_net.state_dict()) and got["bn1.running_mean"] is tiny_net.bn1.running_mean
+    assert io.backbone_tensors(_backbone(tiny_net)).keys() == got.keys()

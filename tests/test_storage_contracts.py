@@ -62,7 +62,9 @@ def test_ans_codes_masks_only_with_an_exact_message():
 
 
 def test_pid_alive_tells_live_dead_and_impossible_pids_apart():
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    # default signal actions (a parent run under nohup would make the child ignore SIGHUP)
+    code = "import signal, time; [signal.signal(s, signal.SIG_DFL) for s in (1, 2, 15)]; time.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", code])
     try:
         assert atomic._pid_alive(child.pid)
         with pytest.raises(subprocess.TimeoutExpired):  # asking did not signal it: it still runs
@@ -162,3 +164,23 @@ def test_decode_extras_checks_the_callers_limit_itself():
     assert container.decode_extras(stored, entry, "f.mask", len(blob)) == blob
     with pytest.raises(Exception, match=r"^f\.mask: extras declare 200 bytes, more than the limit 199: "):
         container.decode_extras(stored, entry, "f.mask", len(blob) - 1)
+
+
+def test_reading_a_header_leaves_the_garbage_collector_as_it_was(tmp_path):
+    import gc
+
+    import maskpack
+    from maskpack.storage import container
+
+    data = container.build(backbone_name="n", backbone_hash="0" * 64, codec="raw", tensors=[], extras=None,
+                           metadata={"k": "v"})
+    (tmp_path / "e.mask").write_bytes(data)
+    assert gc.isenabled()
+    assert maskpack.read(tmp_path / "e.mask").metadata == {"k": "v"}
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        maskpack.read(tmp_path / "e.mask")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
