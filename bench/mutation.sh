@@ -3,15 +3,17 @@
 # masking.py and rehydrate.py, against the fast test files that cover them. Not part of CI.
 #
 # Usage:
-#   bench/mutation.sh                      # every target file (about 40-60 min on 2 cores)
+#   bench/mutation.sh                      # every target file (about 16-35 min on 2 cores)
 #   bench/mutation.sh maskpack/io.py       # one or more targets (glob patterns allowed)
 #   JOBS=4 bench/mutation.sh               # parallel test processes (default 2)
 #
 # The run happens in a scratch copy ($MUTATION_DIR, default .mutation/ in the repository, ignored
 # by git), so the working tree is never touched. Results: $MUTATION_DIR/mutants/ (mutmut's
 # state; `cd $MUTATION_DIR && mutmut show NAME` prints a mutant's diff) and
-# $MUTATION_DIR/results.txt (every mutant that was not killed). A second call reuses mutmut's
-# cached verdicts for unchanged code; delete $MUTATION_DIR to start over.
+# $MUTATION_DIR/results.txt (every mutant that was not killed); `python bench/mutation_report.py
+# $MUTATION_DIR` prints the score per file and every survivor with its diff and reason. A second
+# call reuses mutmut's cached verdicts for unchanged code and tests again every mutant not killed;
+# delete $MUTATION_DIR to start over. Results of 2026-11-28: docs/results/mutation.md.
 # Needs: pip install mutmut (3.x).
 set -euo pipefail
 
