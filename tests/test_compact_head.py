@@ -97,74 +97,82 @@ def _rewrite(tmp_path, path, net, extras, metadata):
     return maskpack.read(out)
 
 
-@pytest.mark.parametrize("case, msg", [
-    ("no scale", "'head.weight' is stored as torch.int8 \\(a 8-bit head\\) but 'head.weight_scale' "
-                 "is missing"),
-    ("scale shape", "'head.weight_scale' is torch.bfloat16 \\(4,\\), but a \\(5, 7\\) torch.int8 "
-                    "'head.weight' needs one float scale a class \\(5,\\)"),
-    ("scale zero", "'head.weight_scale' holds a zero, negative or non-finite scale"),
-    ("no bits", "metadata 'head.bits' is None"),
-    ("width", "metadata 'head.in_features' '9' does not fit the 8-bit 'head.weight' of shape \\(5, 7\\)"),
-    ("width text", "metadata 'head.in_features' '\u00b2' does not fit"),
-    ("scale huge", "'head.weight_scale' overflows float32 times 'head.weight'"),
-    ("-128", "'head.weight' holds values outside the symmetric 8-bit range"),
-    ("int16", "'head.weight' has dtype torch.int16"),
-    ("float with scale", "'head.weight_scale' or metadata 'head.bits' without an integer 'head.weight'"),
-])
-def test_damaged_int8_heads_are_refused(tmp_path, case, msg):
-    path, net, _, _ = _task(tmp_path, 8, 7)
+def _drop(key):
+    def damage(extras, meta):
+        (meta if key.startswith("meta:") else extras).pop(key.removeprefix("meta:"))
+    return damage
+
+
+def _set(key, value):
+    def damage(extras, meta):
+        if key.startswith("meta:"):
+            meta[key.removeprefix("meta:")] = value
+        else:
+            extras[key] = value(extras[key]) if callable(value) else value
+    return damage
+
+
+def _poke(index, value):
+    def damage(extras, meta):
+        w = extras["head.weight"]
+        w[index] = value(w[index]) if callable(value) else value
+    return damage
+
+
+def _damaged(tmp_path, bits, damage):
+    """A task file whose stored head extras or metadata ``damage`` changed, read back."""
+    path, net, _, _ = _task(tmp_path, bits, 7)
     extras = maskpack.read(path).read_extras(dequantize=False)
     meta = dict(maskpack.read(path).metadata)
-    if case == "no scale":
-        del extras["head.weight_scale"]
-    elif case == "scale shape":
-        extras["head.weight_scale"] = extras["head.weight_scale"][:4]
-    elif case == "scale zero":
-        extras["head.weight_scale"][2] = 0
-    elif case == "no bits":
-        del meta["head.bits"]
-    elif case == "width":
-        meta["head.in_features"] = "9"
-    elif case == "width text":
-        meta["head.in_features"] = "\u00b2"  # a digit to str.isdigit, not to int()
-    elif case == "scale huge":
-        extras["head.weight_scale"] = torch.full((5,), 1e37)  # finite, but 127 x 1e37 is not
-    elif case == "-128":
-        extras["head.weight"][0, 0] = -128
-    elif case == "int16":
-        extras["head.weight"] = extras["head.weight"].to(torch.int16)
-    else:
-        extras["head.weight"] = extras["head.weight"].float()
-    mf = _rewrite(tmp_path, path, net, extras, meta)
+    damage(extras, meta)
+    return _rewrite(tmp_path, path, net, extras, meta), net
+
+
+def _zero_scale(extras, meta):
+    extras["head.weight_scale"][2] = 0
+
+
+@pytest.mark.parametrize("damage, msg", [
+    (_drop("head.weight_scale"), "'head.weight' is stored as torch.int8 \\(a 8-bit head\\) but "
+                                 "'head.weight_scale' is missing"),
+    (_set("head.weight_scale", lambda s: s[:4]), "'head.weight_scale' is torch.bfloat16 \\(4,\\), but a "
+                                                 "\\(5, 7\\) torch.int8 'head.weight' needs one float scale "
+                                                 "a class \\(5,\\)"),
+    (_zero_scale, "'head.weight_scale' holds a zero, negative or non-finite scale"),
+    (_drop("meta:head.bits"), "metadata 'head.bits' is None"),
+    (_set("meta:head.in_features", "9"), "metadata 'head.in_features' '9' does not fit the 8-bit "
+                                         "'head.weight' of shape \\(5, 7\\)"),
+    # a digit to str.isdigit, not to int()
+    (_set("meta:head.in_features", "\u00b2"), "metadata 'head.in_features' '\u00b2' does not fit"),
+    # finite, but 127 x 1e37 is not
+    (_set("head.weight_scale", torch.full((5,), 1e37)), "'head.weight_scale' overflows float32 times "
+                                                        "'head.weight'"),
+    (_poke((0, 0), -128), "'head.weight' holds values outside the symmetric 8-bit range"),
+    (_set("head.weight", lambda w: w.to(torch.int16)), "'head.weight' has dtype torch.int16"),
+    (_set("head.weight", lambda w: w.float()), "'head.weight_scale' or metadata 'head.bits' without an "
+                                               "integer 'head.weight'"),
+], ids=["no scale", "scale shape", "scale zero", "no bits", "width", "width text", "scale huge", "-128",
+        "int16", "float with scale"])
+def test_damaged_int8_heads_are_refused(tmp_path, damage, msg):
+    mf, net = _damaged(tmp_path, 8, damage)
     with pytest.raises(FormatError, match=msg):
         _ = mf.extras
     with pytest.raises(FormatError, match=msg):
         maskpack.load(mf.path, net)
 
 
-@pytest.mark.parametrize("case, msg", [
-    ("no scale", "'head.weight' is stored as torch.uint8 \\(a 4-bit head\\) but 'head.weight_scale' "
-                 "is missing"),
-    ("nibble 0", "outside the symmetric 4-bit range or non-zero padding"),
-    ("padding", "outside the symmetric 4-bit range or non-zero padding"),
-    ("width", "metadata 'head.in_features' '5' does not fit the 4-bit 'head.weight' of shape \\(5, 4\\)"),
-    ("bits 8", "'head.weight' is torch.uint8 \\(a 4-bit head\\) but metadata 'head.bits' is '8'"),
-])
-def test_damaged_int4_heads_are_refused(tmp_path, case, msg):
-    path, net, _, _ = _task(tmp_path, 4, 7)
-    extras = maskpack.read(path).read_extras(dequantize=False)
-    meta = dict(maskpack.read(path).metadata)
-    if case == "no scale":
-        del extras["head.weight_scale"]
-    elif case == "nibble 0":
-        extras["head.weight"][1, 0] &= 0xF0
-    elif case == "padding":
-        extras["head.weight"][0, -1] = (extras["head.weight"][0, -1] & 0x0F) | 0x90
-    elif case == "width":
-        meta["head.in_features"] = "5"
-    else:
-        meta["head.bits"] = "8"
-    mf = _rewrite(tmp_path, path, net, extras, meta)
+@pytest.mark.parametrize("damage, msg", [
+    (_drop("head.weight_scale"), "'head.weight' is stored as torch.uint8 \\(a 4-bit head\\) but "
+                                 "'head.weight_scale' is missing"),
+    (_poke((1, 0), lambda b: b & 0xF0), "outside the symmetric 4-bit range or non-zero padding"),
+    (_poke((0, -1), lambda b: (b & 0x0F) | 0x90), "outside the symmetric 4-bit range or non-zero padding"),
+    (_set("meta:head.in_features", "5"), "metadata 'head.in_features' '5' does not fit the 4-bit "
+                                         "'head.weight' of shape \\(5, 4\\)"),
+    (_set("meta:head.bits", "8"), "'head.weight' is torch.uint8 \\(a 4-bit head\\) but metadata "
+                                  "'head.bits' is '8'"),
+], ids=["no scale", "nibble 0", "padding", "width", "bits 8"])
+def test_damaged_int4_heads_are_refused(tmp_path, damage, msg):
+    mf, _ = _damaged(tmp_path, 4, damage)
     with pytest.raises(FormatError, match=msg):
         _ = mf.extras
 
