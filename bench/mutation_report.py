@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import collections
 import difflib
+import functools
 import json
 import re
 import sys
@@ -85,13 +86,12 @@ def _fails_same(a: str, b: str) -> bool:
     return strip.sub("", a) == strip.sub("", b) or "raise" in a and "None" in b
 
 
-def _functions(path: Path, cache: dict = {}) -> dict[str, str]:  # noqa: B006 (a cache)
-    if path not in cache:
-        src = path.read_text()
-        lines = src.splitlines()  # slicing lines: ast.get_source_segment splits the file on every call
-        cache[path] = {n.name: "\n".join(lines[n.lineno - 1:n.end_lineno]) for n in ast.walk(ast.parse(src))
-                       if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
-    return cache[path]
+@functools.cache
+def _functions(path: Path) -> dict[str, str]:
+    src = path.read_text()
+    lines = src.splitlines()  # slicing lines: ast.get_source_segment splits the file on every call
+    return {n.name: "\n".join(lines[n.lineno - 1:n.end_lineno]) for n in ast.walk(ast.parse(src))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
 
 
 def _diff(root: Path, name: str) -> tuple[str, str, str]:
