@@ -199,7 +199,14 @@ def test_head_bits_config_values():
     assert resolve_config(TrainConfig(**parse_set(("head_bits=4",)))).head_bits == 4
     assert resolve_config(TrainConfig(head_bits=8)).head_bits == 8
     assert resolve_config(TrainConfig(head_bits=0)).head_bits is None
-    assert resolve_config(TrainConfig()).head_bits is None
+    # the default recipe's supervised masks store an int8 head; other recipes, methods and
+    # objectives none unless asked
+    assert resolve_config(TrainConfig()).head_bits == 8
+    assert resolve_config(TrainConfig(recipe="normalized")).head_bits is None
+    assert resolve_config(TrainConfig(method="topk")).head_bits is None
+    assert resolve_config(TrainConfig(method="fft")).head_bits is None
+    assert resolve_config(TrainConfig(objective="swav")).head_bits is None
+    assert resolve_config(TrainConfig(**parse_set(("head_bits=0",)))).head_bits is None
     with pytest.raises(ConfigError, match="head_bits 8 quantises the head of a supervised mask task .* "
                                           "not method 'fft' objective 'supervised'"):
         resolve_config(TrainConfig(head_bits=8, method="fft"))

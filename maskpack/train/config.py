@@ -32,6 +32,7 @@ _COMMON: dict[str, Any] = {
     "extras_dtype": "float32",
     "bn_affine_scope": "all",
     "bn_fold": False,
+    "head_bits": None,  # supervised mask tasks only; None: the head in extras_dtype
 }
 # Per-tensor normalised score updates (docs/recipe-study.md): Lite0's score gradients span ~600x
 # across layers, so one raw lr (the paper's 50) wrecks the first layers while the last ones never
@@ -55,6 +56,8 @@ _LATE: dict[str, Any] = {
     "bn_mode": {"mask": "masked", "topk": "train", "fft": "train"},
     "train_bn_affine": {"mask": False, "topk": False, "fft": False},
     "extras_dtype": "bfloat16",
+    # a per-class int8 head: no prediction changed on digits or cifar10-5k (docs/results/compact-head.md)
+    "head_bits": {"mask": 8, "topk": None, "fft": None},
 }
 # SwAV knobs (objective "swav"): the SwAV paper's settings, which the Self-Masking paper used.
 _SWAV_PAPER: dict[str, Any] = {
@@ -140,7 +143,7 @@ class TrainConfig:
     bn_affine_scope: str | None = None  # train_bn_affine on "all" BN layers or the "masked" layers' own BN
     bn_fold: bool | None = None  # masks: fold adapted BN layers into scale/shift at the end (fewer extras)
     extras_dtype: str | None = None  # masks: float32 | bfloat16 | float16; extras rounded to it at the end
-    head_bits: int | None = None  # masks: 8 | 4 stores head.weight as per-class int8 / int4; None or 0: off
+    head_bits: int | None = None  # supervised masks: 8 | 4 head.weight as per-class int8 / int4; 0: off; None: recipe
     score_grad_norm: bool | None = None  # masks: divide each score tensor's gradient by its mean |g|
     sync_bn: bool = False  # under torchrun (CUDA): SyncBatchNorm, batch statistics over the global batch
     # SwAV
@@ -288,6 +291,8 @@ def _fill_extras(c: TrainConfig, rec: dict[str, Any]) -> None:
             setattr(c, key, _per_method(rec[key], c.method))
     if c.extras_dtype not in EXTRAS_DTYPES:
         raise ConfigError(f"unknown extras_dtype {c.extras_dtype!r}: use one of {', '.join(EXTRAS_DTYPES)}")
+    if c.head_bits is None:  # the recipe's, for the tasks that store a supervised head
+        c.head_bits = (None if c.objective != "supervised" else _per_method(rec["head_bits"], c.method))
     c.head_bits = check_head_bits(c.head_bits)
     if c.head_bits and (c.method == "fft" or c.objective != "supervised"):
         raise ConfigError(f"head_bits {c.head_bits} quantises the head of a supervised mask task (method "
