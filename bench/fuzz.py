@@ -87,7 +87,23 @@ def seed_files(bb: nn.Module) -> dict[str, bytes]:
             p = os.path.join(d, f"{codec}.mask")
             maskpack.save(p, masks, bb, extras=extras, metadata=meta, codec=codec)
             out[codec] = Path(p).read_bytes()
+    out["raw-v1"] = as_version_1(out["raw"])
     return out
+
+
+def as_version_1(data: bytes) -> bytes:
+    """The same file in format version 1 (extras in 4 byte planes, no ``planes`` key): the old
+    reading path gets fuzzed too."""
+    from maskpack.storage import container
+
+    h, hlen, body = split(data)
+    e = h["extras"]
+    blob = container.decode_extras(body[e["offset"]:e["offset"] + e["length"]],
+                                   container.ExtrasEntry(0, 0, 0, e["size"], e.pop("planes")), "seed", 1 << 30)
+    stored = container.encode_extras(blob, 4)
+    e.update(length=len(stored), crc32=zlib.crc32(stored))
+    text = json.dumps(h, separators=(",", ":")).encode()
+    return pack(text, body[:e["offset"]] + stored, version=1)
 
 
 # ----------------------------------------------------------------------------------- families
@@ -218,8 +234,8 @@ def make_case(i: int, seed: int, seeds: dict[str, bytes], lies: list[str]) -> tu
     if fam == "lie":
         name = rng.choice(lies)
         return fam, name, LIES[name](rng, seeds)
-    codec = rng.choice(CODECS)
-    return fam, codec, MUTATORS[fam](rng, seeds[codec])
+    kind = rng.choice(sorted(seeds))  # a codec, or raw-v1 (format version 1)
+    return fam, kind, MUTATORS[fam](rng, seeds[kind])
 
 
 # ---------------------------------------------------------------------------------- running

@@ -18,7 +18,8 @@ import zlib
 
 import zstandard
 
-MAGIC = b"\x89MASK\r\n\x1a"
+from maskpack.storage.container import MAGIC, VERSION  # lies look like the writer's files
+
 MB = 1 << 20
 
 
@@ -33,14 +34,14 @@ def _deflate(chunks) -> bytes:
     return b"".join(c.compress(ch) for ch in chunks) + c.flush()
 
 
-def pack_raw_header(hdr: bytes, body: bytes) -> bytes:
+def pack_raw_header(hdr: bytes, body: bytes, version: int = VERSION) -> bytes:
     """A file from an already compressed header (valid crc)."""
-    return struct.pack("<8sHII", MAGIC, 1, len(hdr), zlib.crc32(hdr)) + hdr + body
+    return struct.pack("<8sHII", MAGIC, version, len(hdr), zlib.crc32(hdr)) + hdr + body
 
 
-def pack(text: bytes, body: bytes) -> bytes:
+def pack(text: bytes, body: bytes, version: int = VERSION) -> bytes:
     """A file from header text and a data section, with a valid header checksum."""
-    return pack_raw_header(_deflate([text]), body)
+    return pack_raw_header(_deflate([text]), body, version)
 
 
 def _file(seeds: dict[str, bytes], codec: str, tensors: list[tuple[str, list[int], int, bytes]],
@@ -254,7 +255,9 @@ def _ans_counts_lie(rng, seeds):
     numel = 1
     for s in t["shape"]:
         numel *= s
-    lie = bytes([0]) + bytes([0xFF] * 9 + [0x01]) if rng.random() < 0.5 else bytes([4]) + bytes([0x7F]) * 16
+    lie = rng.choice([bytes([0]) + bytes([0xFF] * 9 + [0x01]),  # layout 0: a count of 2**63
+                      bytes([4]) + bytes([0x7F]) * 16,  # layout 0: 16 buckets of 127 ones
+                      bytes([0x10]) + rng.randbytes(4 * rng.randint(1, 8))])  # layout 1: random words
     return _file(seeds, "ans", [(t["name"], t["shape"], rng.choice([0, numel // 2]), lie)])
 
 

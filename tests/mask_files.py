@@ -50,7 +50,7 @@ def deflate(text: bytes, level: int = 9) -> bytes:
     return c.compress(text) + c.flush()
 
 
-def pack_file(hdr: bytes, section: bytes, *, version: int = 1, crc: int | None = None) -> bytes:
+def pack_file(hdr: bytes, section: bytes, *, version: int = 2, crc: int | None = None) -> bytes:
     """A file around an already compressed header (its crc32 is right unless ``crc`` is given)."""
     crc = zlib.crc32(hdr) if crc is None else crc
     return struct.pack("<8sHII", MAGIC, version, len(hdr), crc) + hdr + section

@@ -290,8 +290,9 @@ def test_standardize_with_wrong_shapes_is_rejected(tmp_path):
         load_cascade(path, parts["net"])
 
 
-def test_unchanged_expert_tensors_cost_two_bytes(parts, tmp_path):
-    """An expert equal to the dispatcher on a tensor stores an all-zero delta: 2 payload bytes."""
+def test_unchanged_expert_tensors_cost_one_byte(parts, tmp_path):
+    """An expert equal to the dispatcher on a tensor stores an all-zero delta: 1 payload byte (format
+    version 1: 2)."""
     first = next(iter(parts["d_masks"]))
     e_masks = [{n: (m if n == first else parts["d_masks"][n]) for n, m in em.items()}
                for em in parts["e_masks"]]
@@ -301,8 +302,8 @@ def test_unchanged_expert_tensors_cost_two_bytes(parts, tmp_path):
     for k in range(K):
         for n in parts["d_masks"]:
             if n != first:
-                assert payload[f"expert{k + 1}/{n}"] == 2
-    assert rep["expert_delta_bytes"] == [payload[f"expert{k + 1}/{first}"] + 2 * (len(parts["d_masks"]) - 1)
+                assert payload[f"expert{k + 1}/{n}"] == 1
+    assert rep["expert_delta_bytes"] == [payload[f"expert{k + 1}/{first}"] + len(parts["d_masks"]) - 1
                                          for k in range(K)]
 
 

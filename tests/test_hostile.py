@@ -39,7 +39,7 @@ def _pack(chunks, body: bytes = b"") -> bytes:
     """A file from header text (bytes, or an iterable of chunks for big ones) with a valid crc."""
     c = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
     hdr = b"".join(c.compress(ch) for ch in ([chunks] if isinstance(chunks, bytes) else chunks)) + c.flush()
-    return struct.pack("<8sHII", container.MAGIC, 1, len(hdr), zlib.crc32(hdr)) + hdr + body
+    return struct.pack("<8sHII", container.MAGIC, container.VERSION, len(hdr), zlib.crc32(hdr)) + hdr + body
 
 
 

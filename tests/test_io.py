@@ -149,7 +149,7 @@ def _rename(path, new_names: dict[str, str]) -> None:
         t["name"] = new_names.get(t["name"], t["name"])
     c = zlib.compressobj(9, zlib.DEFLATED, -15)
     hdr = c.compress(json.dumps(header).encode()) + c.flush()
-    path.write_bytes(struct.pack("<8sHII", data[:8], 1, len(hdr), zlib.crc32(hdr)) + hdr + data[18 + hlen:])
+    path.write_bytes(struct.pack("<8sHII", data[:8], 2, len(hdr), zlib.crc32(hdr)) + hdr + data[18 + hlen:])
 
 
 def test_prefixed_names_decode_against_the_backbone_tensor(tmp_path, tiny_net):
@@ -235,7 +235,7 @@ def _rename_crc(path, index: int) -> None:
     t["crc32"] = zlib.crc32(body[t["offset"]:t["offset"] + t["length"]])
     c = zlib.compressobj(9, zlib.DEFLATED, -15)
     hdr = c.compress(json.dumps(header).encode()) + c.flush()
-    path.write_bytes(struct.pack("<8sHII", data[:8], 1, len(hdr), zlib.crc32(hdr)) + hdr + body)
+    path.write_bytes(struct.pack("<8sHII", data[:8], 2, len(hdr), zlib.crc32(hdr)) + hdr + body)
 
 
 def _corrupt_extras(path):
@@ -250,7 +250,7 @@ def test_mask_file_summary(tmp_path, tiny_net):
     masks["fc.weight"][:] = False
     maskpack.save(tmp_path / "t.mask", masks, tiny_net)
     mf = maskpack.read(tmp_path / "t.mask")
-    assert mf.version == 1 and mf.file_size == os.path.getsize(tmp_path / "t.mask")
+    assert mf.version == 2 and mf.file_size == os.path.getsize(tmp_path / "t.mask")
     assert mf.header["codec"] == "ans" and [t["name"] for t in mf.header["tensors"]] == list(masks)
     assert mf.numel == sum(m.numel() for m in masks.values())
     layer = mf.per_layer_active()

@@ -120,7 +120,7 @@ def test_decompression_bomb_is_capped(codec):
 
 CUT = {"raw": "packed mask has", "gzip": "truncated", "bz2": "truncated", "lzma": "truncated",
        "lz4": "does not decode", "snappy": "declares|does not decode", "zstd": "does not decode|truncated",
-       "ans": "empty|truncated inside its bucket counts|not a whole number of 32-bit words"}
+       "ans": "empty|no coded data|not a whole number of 32-bit words"}
 TRAILING = {"raw": "packed mask has 505 bytes", "gzip": "trailing bytes", "bz2": "trailing bytes",
             "lzma": "trailing bytes", "lz4": "does not decode", "snappy": "does not decode",
             "zstd": "trailing bytes", "ans": "not a whole number of 32-bit words"}
@@ -148,9 +148,17 @@ def test_ans_count_rules():
         get_codec("ans").decode(bytes([0, 11]), 10, absw[:10])
 
 
-def _declared_ones(payload: bytes) -> int:
-    """Sum of the bucket counts at the start of an ans payload (docs/format.md: u8 log2(B), then
-    B LEB128 varints)."""
+def _declared_ones(payload: bytes, absw: np.ndarray) -> int:
+    """Sum of the bucket counts of an ans payload (docs/format.md): layout 0 has them at the start
+    (u8 log2(B), then B LEB128 varints), layout 1 at the start of its ANS stream."""
+    if payload[0] >> 4:
+        import constriction
+
+        from maskpack.storage.entropy import TensorContexts, _decode_counts
+
+        sizes = TensorContexts(absw).order(payload[0] & 0x0F)[1].tolist()
+        words = np.frombuffer(payload, dtype="<u4", offset=1).astype(np.uint32)
+        return sum(_decode_counts(constriction.stream.stack.AnsCoder(words), sizes))
     pos, total = 1, 0
     for _ in range(1 << payload[0]):
         value, shift = 0, 0
@@ -176,7 +184,7 @@ def test_ans_fuzz_only_codec_errors_and_declared_counts(data, n):
     except CodecError:
         return
     assert out.shape == (n,) and out.dtype == bool
-    assert int(out.sum()) == _declared_ones(data)
+    assert int(out.sum()) == _declared_ones(data, absw)
 
 
 def test_gzip_is_deterministic_and_standard():
@@ -198,17 +206,17 @@ def _golden_case(n: int, seed: int, base: float, slope: float, power: float):
 
 
 # (case, log2 of the bucket count the encoder picks, sha256 of the payload): the bucket choice,
-# thresholds, gap models and word layout of docs/format.md "ans". If these change, the format
-# changed.
+# thresholds, count and gap models and word layout of docs/format.md "ans" (layout 1). If these
+# change, the format changed. Layout 0 (format version 1) payloads: tests/test_format_v1.py.
 ANS_GOLDEN = [
-    ((63, 1, 0.3, 0.4, 1), 0, "96ed5a4a884acf87bceb40060a8e446709e2a50466135bc3513fda9812a73588"),
-    ((64, 2, 0.05, 0.9, 1), 1, "a473dbcc2b5191ddb3c31b28728eab21a8cf4e4dbe8fb78a27ef16fe3d4f2cb7"),
-    ((4000, 7, 0.45, 0.0, 1), 0, "372f1c349885004fdc35a25f6a871d4888fc205dad01bf6deaf5f432c1328af1"),
-    ((5000, 3, 0.02, 0.3, 1), 2, "92b2dd4da2e8dffa832d83c7b1209a6099ca98cca4d527abc490e998ad133662"),
-    ((20000, 6, 0.4, 0.2, 1), 1, "6f0e451acb406afa068401e2c886c2f5bd1136f08ceec73ebb375b361323a00f"),
-    ((20000, 5, 0.0, 0.6, 1), 3, "4459b7e7f965586e601c98728b21569a512455e27e7a9aa39f4bec358f477ef9"),
-    ((100000, 11, 0.0, 1.0, 3), 4, "2878974ed21fe8f4a04f309eef9d59bb3dbe8596d2bdf75529347fdaca7e875d"),
-    ((100000, 8, 0.001, 0.01, 1), 2, "78c24b1743cd481fb0d61101396797e199ab18138b03724bde4d338d50581a69"),
+    ((63, 1, 0.3, 0.4, 1), 0, "df2abd9bf862211eb9fb552043ba1d9911afc6ce225d3fbfb552b99740636461"),
+    ((64, 2, 0.05, 0.9, 1), 1, "66d0965618e1efa93dc3bb63c52d9ce19ae2eda97ad3e21fa473ec638b448d12"),
+    ((4000, 7, 0.45, 0.0, 1), 0, "31b938ab100f5986804a4cf31d30089dca348770394beb160b7162d9d9bdbe43"),
+    ((5000, 3, 0.02, 0.3, 1), 2, "2a7210550fe3c53c58de1fe70d781f209f08aea7a4e52b23e7be3d1112d7ee7e"),
+    ((20000, 6, 0.4, 0.2, 1), 1, "9279f6048936d0764e1f446a87be5315cbc8f16016f2a76d5fb10da626af8453"),
+    ((20000, 5, 0.0, 0.6, 1), 3, "3e78f537c34b160466b39580ef29e443efa3d397769fc63b03dff065c2fb9c03"),
+    ((100000, 11, 0.0, 1.0, 3), 4, "a1653209770b58cb69e8c96d9b62ce0d4d02a59f19a8be23c91d7da6a7b3f0f5"),
+    ((100000, 8, 0.001, 0.01, 1), 2, "ee8fb212ee9e3467ab4b90757beff295bd937a1cdbbde2fcd12a5e9c249554f4"),
 ]
 
 
@@ -220,7 +228,7 @@ def test_ans_sparse_payload_bytes_are_pinned():
     mask[[1234, 250_000]] = False
     payload = get_codec("ans").encode(mask, None)
     assert hashlib.sha256(payload).hexdigest() == \
-        "6051616f4f41226fbeb9e0a7aa061147aba68ebf6c15b45e8ff153cad8eb4fb6"
+        "d32fc8eee2be2c5bd9e44e594959da89a04e19d45d84317f7a070a52043ac69f"
     np.testing.assert_array_equal(get_codec("ans").decode(payload, mask.size, None), mask)
 
 
@@ -231,7 +239,7 @@ def test_ans_payload_bytes_are_pinned(case, lb, digest):
     mask, absw = _golden_case(*case)
     c = get_codec("ans")
     payload = c.encode(mask, absw)
-    assert payload[0] == lb
+    assert payload[0] == 0x10 | lb  # layout 1, 2**lb buckets
     assert hashlib.sha256(payload).hexdigest() == digest
     np.testing.assert_array_equal(c.decode(payload, mask.size, absw), mask)
 
@@ -240,11 +248,11 @@ def test_ans_buckets_need_64_elements():
     rng = np.random.default_rng(0)
     absw = np.arange(64, dtype=np.float32)
     mask = absw < 32  # perfectly predicted by |W|: more buckets pay off from 64 elements on
-    assert get_codec("ans").encode(mask, absw)[0] > 0
-    assert get_codec("ans").encode(mask[:63], absw[:63])[0] == 0
+    assert get_codec("ans").encode(mask, absw)[0] & 0x0F > 0
+    assert get_codec("ans").encode(mask[:63], absw[:63])[0] & 0x0F == 0
     mask = rng.random(1000) < 0.3
     payload = get_codec("ans").encode(mask, None)  # no backbone: one bucket, decodable without it
-    assert payload[0] == 0
+    assert payload[0] == 0x10
     np.testing.assert_array_equal(get_codec("ans").decode(payload, 1000, None), mask)
 
 
@@ -381,7 +389,15 @@ TRUNC, TRAIL = "payload is truncated (compressed stream has no end)", "payload h
     ("ans", bytes([0]) + b"\x80" * 10, 8, "ans payload has a malformed bucket count"),
     ("ans", bytes([0, 1, 0]), 8, "ans payload's coded part is not a whole number of 32-bit words"),
     ("ans", bytes([0, 0, 1, 0, 0, 0]), 8, "ans payload has coded data but its bucket counts need none"),
-    ("ans", bytes([200, 0]), 8, "ans payload declares 1073741824 buckets; at most 16 are allowed"),
+    ("ans", bytes([9, 0]), 8, "ans payload declares 512 buckets; at most 16 are allowed"),
+    ("ans", bytes([0x1F]), 8, "ans payload declares 32768 buckets; at most 16 are allowed"),
+    ("ans", bytes([0x20, 0, 0, 0, 0]), 8, "ans payload has layout 2; this maskpack reads layouts 0 and 1: "
+     "upgrade maskpack"),
+    ("ans", bytes([200, 0]), 8, "ans payload has layout 12; this maskpack reads layouts 0 and 1: upgrade "
+     "maskpack"),
+    ("ans", bytes([0x14]), 8, "ans payload has no coded data for its 16 buckets"),
+    ("ans", bytes([0x10]) + (1).to_bytes(4, "little") * 2, 8, "ans payload has coded data after its last symbol"),
+    ("ans", bytes([0x11, 0, 0, 0, 0]), 8, "the ans codec needs the backbone's weights to decode: pass the backbone"),
     ("ans", bytes.fromhex("000121d7d982f8bd1045"), 10**6, "ans payload decodes to a run longer than its "
      "bucket"),
     ("ans", bytes.fromhex("0004a3d631b8"), 26, "ans payload decodes to positions past the end of its bucket"),

@@ -35,26 +35,27 @@ def _save(path, codec="raw", **kw):
     return path.read_bytes()
 
 
-# Pinned bytes of format version 1. If these change, the format changed: bump VERSION.
+# Pinned bytes of format version 2 (what the writer writes). If these change, the format changed:
+# bump VERSION and keep files of the old version loading (tests/test_format_v1.py).
 GOLDEN_RAW = (
-    "894d41534b0d0a1a0100e000000003dec9c065d0cd6ac3300c07f077d1d98cd88abff21a3b961d645b694253674bdc76"
+    "894d41534b0d0a1a0200e000000003dec9c065d0cd6ac3300c07f077d1d98cd88abff21a3b961d645b694253674bdc76"
     "50f2ee7529a483e1832d817e7fe13b048aa7306786ee0e99cef5864ffeb9702e234d20601d486953bbbdc240419b9012"
     "b1f2e8d1a4467b1b5aa33938a69ea525eb255a257bef75b4c1d91095948a7572b0098873e258ad856e952e9cd77959a1"
     "3becd1cdc78dc7e3505ec1dfb57540d17e09a058c66b2d9d80b9ef572ed0350226cec73240a72abd4454f5854eba4662"
     "db6c6257e57f55097c9e3f728b6f5abd69bbd368b4914669dcea14ff9685eaeaf9324d02ce5c2851a1e7279e6ae015b6"
     "ed01b60dbdf7de7befbd37")
 GOLDEN_ANS = (
-    "894d41534b0d0a1a0100db00000070b16a7765d0c16ac3300c00d07fd1d98c588aed38bfb163d941b695262c75b6c45d"
-    "0b25ff3e8f413a183a0809f424f480c0f13d2c59a07f40e64bcdf02a9f57c965e219146c23a3b1b53b20050ec6869458"
-    "d093279b1ae35d68ad91d0090fa21d3bafc9a11ebc37d185ce85885aa398d4c1ae202e4962b5386f952e92b765dda03f"
-    "1dab9b979b4ce7b1fc2efea8ad13a9f64d01c7327dd5b253b00cc32605fa46c12cf95c46e86da5d748083da2268b8e0c"
-    "edea50f57f1515fdc41fb9a5276d9fb46e0e5b23b5da6a57ed3a27f7b2723d3e5fe759c1450a272e5cdfb8efdf0008fc"
-    "ef2513002b3a4863dcc968b811")
+    "894d41534b0d0a1a0200dc000000da4ca37f65d0c16ac3300c00d07fd1d98cd88e2d3bbfb163d941b6e5262c75b6c45d"
+    "0b25ff3e8f4133183a0809f424f48040f13d2c85617840a14bcbf0ca9f572e75a219046c2329635b372b1d28181b5222"
+    "565e7b6d53673c86de1a0e8e29b344422f352a99bd371183c31095948a4d72b00b884be2d82c2a5ba32b976d5937184e"
+    "cfd5ddcb8da7f3587f177fb4d6498bfe4d00c53a7db5d2095872deb8c2d00998b99ceb08836ff41ab582419abe4389d2"
+    "ea5d3c55f95f5542ffc41fb9d707ed0f5aeac3eed0a3730a716f737caf2bb5e3cb759e055cb852a24aed8dfbfe0d10cd"
+    "9ad0cd01000000103a48e3b8b124c6a406000000")
 
 
 def test_golden_bytes_raw(tmp_path):
     data = _save(tmp_path / "g.mask", "raw", metadata={"k": "v"})
-    assert data[:18].hex() == "894d41534b0d0a1a0100" + data[10:18].hex()
+    assert data[:18].hex() == "894d41534b0d0a1a0200" + data[10:18].hex()
     assert data.hex() == GOLDEN_RAW
 
 
@@ -65,7 +66,7 @@ def test_golden_bytes_ans(tmp_path):
 def test_golden_header_content(tmp_path):
     data = _save(tmp_path / "g.mask", "raw", metadata={"k": "v"})
     magic, version, hlen, hcrc = struct.unpack("<8sHII", data[:18])
-    assert (magic, version) == (b"\x89MASK\r\n\x1a", 1)
+    assert (magic, version) == (b"\x89MASK\r\n\x1a", 2)
     header = json.loads(zlib.decompress(data[18:18 + hlen], -15))
     assert header["backbone"] == {"name": "Sequential", "sha256": maskpack.backbone_hash(fixed_net())}
     assert header["codec"] == "raw" and header["extras"] is None and header["metadata"] == {"k": "v"}
@@ -96,7 +97,7 @@ def _rewrite(src: bytes, mutate) -> bytes:
     mutate(header)
     c = zlib.compressobj(9, zlib.DEFLATED, -15)
     hdr = c.compress(json.dumps(header).encode()) + c.flush()
-    return struct.pack("<8sHII", src[:8], 1, len(hdr), zlib.crc32(hdr)) + hdr + src[18 + hlen:]
+    return struct.pack("<8sHII", src[:8], 2, len(hdr), zlib.crc32(hdr)) + hdr + src[18 + hlen:]
 
 
 @pytest.fixture
@@ -126,8 +127,8 @@ def test_header_length_past_end(tmp_path, good):
 def test_bad_magic_and_version(tmp_path, good):
     with pytest.raises(FormatError, match="bad magic"):
         _open(tmp_path, b"PK\x03\x04" + good[4:])
-    with pytest.raises(FormatError, match="version 2"):
-        _open(tmp_path, good[:8] + b"\x02\x00" + good[10:])
+    with pytest.raises(FormatError, match="version 3"):
+        _open(tmp_path, good[:8] + b"\x03\x00" + good[10:])
 
 
 def test_unknown_codec(tmp_path, good):
@@ -228,7 +229,7 @@ def _replace_extras(tmp_path, good, stored: bytes, size: int) -> bytes:
     mf = maskpack.read(tmp_path / "good.mask")
     data = good[:18 + hlen + mf._info.extras.offset] + stored
     return _rewrite(data, lambda h: h["extras"].update(crc32=zlib.crc32(stored), length=len(stored),
-                                                      size=size))
+                                                      size=size, planes=4))
 
 
 def test_extras_blob_must_be_safetensors(tmp_path, good):

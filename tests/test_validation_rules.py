@@ -56,10 +56,10 @@ def test_wrong_magic(tmp_path, good):
             read_file(tmp_path, magic + good[8:])
 
 
-@pytest.mark.parametrize("version", [0, 2, 0xFFFF])
+@pytest.mark.parametrize("version", [0, 3, 0xFFFF])
 def test_unsupported_version(tmp_path, good, version):
     with refused(tmp_path, f"unsupported .mask format version {version}; this maskpack "
-                                          "reads version 1"):
+                                          "reads versions 1 and 2: upgrade maskpack"):
         read_file(tmp_path, good[:8] + struct.pack("<H", version) + good[10:])
 
 
@@ -142,7 +142,7 @@ def test_header_that_is_not_an_object(tmp_path, good, text):
 KEYS = "['backbone', 'codec', 'extras', 'metadata', 'tensors']"
 BACKBONE = "header 'backbone' must be {name: str, sha256: 64 lowercase hex digits}"
 TENSOR_KEYS = "['active', 'crc32', 'length', 'name', 'offset', 'shape']"
-EXTRAS_KEYS = "['crc32', 'length', 'offset', 'size']"
+EXTRAS_KEYS = "['crc32', 'length', 'offset', 'planes', 'size']"  # format version 2
 T0 = "tensor '0.weight'"
 OFFSET = f"{T0} offset must be an integer in 0..{1 << 62}"
 LENGTH = f"{T0} length must be an integer in 0..{1 << 62}"
@@ -355,8 +355,8 @@ FIRST_10 = "['backbone', 'codec', 'extras', 'k00', 'k01', 'k02', 'k03', 'k04', '
 EXACT = [
     ("short", _fixed(lambda g: g[:17], "file is truncated (17 bytes): not a complete .mask file")),
     ("magic", _fixed(lambda g: b"\x89MASX\r\n\x1a" + g[8:], "not a .mask file (bad magic bytes)")),
-    ("version", _fixed(lambda g: g[:8] + b"\x02\x00" + g[10:], "unsupported .mask format version 2; this "
-                       "maskpack reads version 1: upgrade maskpack")),
+    ("version", _fixed(lambda g: g[:8] + b"\x03\x00" + g[10:], "unsupported .mask format version 3; this "
+                       "maskpack reads versions 1 and 2: upgrade maskpack")),
     ("past end", _past_end),
     ("crc", _bad_crc),
     ("not object", _fixed(lambda g: pack_file(deflate(b"[1]"), split_file(g)[1]),

@@ -338,8 +338,8 @@ def test_extras_expansion_limit_is_exact(tmp_path, good):
 
 def test_extras_that_are_not_safetensors(tmp_path, good):
     junk = b"\x08" + b"\x00" * 40
-    bad = rewrite_header(replace_blob(good, 2, container.encode_extras(junk)),
-                         set_field("extras/size", len(junk)))
+    bad = rewrite_header(replace_blob(good, 2, container.encode_extras(junk, 4)),
+                         lambda h: h["extras"].update(size=len(junk), planes=4))
     with refused(tmp_path, "extras are not a valid safetensors blob"):
         read_file(tmp_path, bad).extras  # noqa: B018
 

@@ -3,7 +3,7 @@
 An expert is trained from the dispatcher's scores over the same masked tensors as the
 dispatcher (so the file can store it as XOR deltas), but only the tensors chosen by
 ``expert_layers`` learn: the others keep the dispatcher's scores, hence its mask, and their
-deltas are all zero (a 2-byte ``ans`` payload each). With ``expert_bn="adapt"`` the BN layers
+deltas are all zero (a 1-byte ``ans`` payload each). With ``expert_bn="adapt"`` the BN layers
 right after the trained tensors adapt to the cluster (under ``bn_mode masked``; other BN modes
 keep their own rule); with ``"frozen"`` the expert uses the dispatcher's BN statistics
 everywhere and stores none of its own.

@@ -357,7 +357,7 @@ def _mask_file_parts(masks, backbone, extras, metadata, codec: str) -> dict[str,
 
     from safetensors.torch import save as st_save
 
-    from ..storage.container import encode_extras
+    from ..storage.container import pack_extras
 
     data = io.to_bytes(masks, backbone, extras=extras, metadata=metadata, codec=codec)
     with tempfile.TemporaryDirectory() as tmp:
@@ -366,7 +366,7 @@ def _mask_file_parts(masks, backbone, extras, metadata, codec: str) -> dict[str,
         mf = io.read(path)
         mask_bytes, extras_bytes = sum(t.length for t in mf.tensors), mf.extras_bytes
     head = {k: v.detach().cpu().contiguous() for k, v in (extras or {}).items() if k.startswith("head.")}
-    head_bytes = min(len(encode_extras(st_save(head))), extras_bytes) if head else 0
+    head_bytes = min(len(pack_extras(st_save(head))[0]), extras_bytes) if head else 0
     return {"total": len(data), "masks": mask_bytes, "extras": extras_bytes, "head": head_bytes,
             "bn": extras_bytes - head_bytes, "header": len(data) - mask_bytes - extras_bytes}
 

@@ -23,7 +23,18 @@ Model, per masked tensor of ``n`` elements (flattened in C order):
 * The coder is constriction's stack ANS with ``Categorical(perfect=False)`` models. Buckets are
   decoded in order; per bucket: the q escape rounds, then the ``r`` values.
 
-Payload: ``u8 log2(B)`` | ``B`` LEB128 varints ``c_b`` | ANS words (uint32, little-endian).
+Payload: ``u8 (layout << 4) | log2(B)`` then, by layout:
+
+* layout 1 (written since format version 2): ANS words only (uint32, little-endian). The stream
+  holds the bucket counts first, in bucket order, then the gaps. Per non-empty bucket: the
+  minority count ``m = min(c, n - c)`` (at most ``h = n // 2``) as its bit length ``L`` in
+  ``0..bitlen(h)`` (model ``P(L) ~ 2^-|L - L_prev|``, ``L_prev`` the previous non-empty bucket's
+  ``L``, uniform for the first), then for ``L >= 2`` the value ``m - 2^(L-1)`` uniform over
+  ``min(2^(L-1), h - 2^(L-1) + 1)`` values (in 16-bit pieces, high piece first); then, when
+  ``2m < n``, a flag "ones are the majority" (``P = 7/8`` that it equals the previous flag, 1/2
+  for the first). The stream must end exactly after the last bucket's gaps.
+* layout 0 (format version 1): ``B`` LEB128 varints ``c_b``, then ANS words with the gaps only.
+
 Decoding costs a context pass and a stable counting sort of the contexts, plus symbols for the
 minority entries only.
 """
@@ -35,6 +46,9 @@ import numpy as np
 from ..errors import CodecError
 
 MAX_LOG2_BUCKETS = 4  # 16 buckets
+LAYOUT = 1  # what encode_mask writes: the bucket counts inside the ANS stream
+PIECE = 16  # uniform values are coded in pieces of at most 2**16 values
+SAME_FLAG = 7 / 8
 SAMPLE = 16384
 KCAP = 4096
 ESCAPE = 64
@@ -42,17 +56,6 @@ _LN2_NUM, _LN2_DEN = 693147, 1_000_000
 
 
 # ----------------------------------------------------------------------------------- varints
-
-
-def _put_varint(out: bytearray, value: int) -> None:
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return
 
 
 def _get_varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -68,8 +71,103 @@ def _get_varint(data: bytes, pos: int) -> tuple[int, int]:
     raise CodecError("ans payload has a malformed bucket count")
 
 
-def _varint_len(value: int) -> int:
-    return max(1, (int(value).bit_length() + 6) // 7)
+# ------------------------------------------------------------------------ counts (layout 1)
+
+
+def _length_probs(lmax: int, prev: int | None) -> np.ndarray:
+    """P(L) over ``0..lmax``: ``2^-|L - prev|`` normalised (uniform without a previous bucket)."""
+    ls = np.arange(lmax + 1)
+    p = np.ones(lmax + 1) if prev is None else np.exp2(-np.abs(ls - min(prev, lmax)))
+    return p / p.sum()
+
+
+def _flag_probs(prev: int | None) -> np.ndarray:
+    """P(flag) over 0, 1: 1/2 each for the first flag, then SAME_FLAG for the previous one."""
+    if prev is None:
+        return np.array([0.5, 0.5])
+    return np.array([SAME_FLAG, 1 - SAME_FLAG] if prev == 0 else [1 - SAME_FLAG, SAME_FLAG])
+
+
+def _low_size(hi: int, size: int) -> int:
+    """Values of the low piece of a uniform value in ``0..size-1`` whose high piece is ``hi``."""
+    return (1 << PIECE) if hi < (size - 1) >> PIECE else ((size - 1) & ((1 << PIECE) - 1)) + 1
+
+
+def _count_symbols(sizes, counts) -> list[tuple[int, int, np.ndarray | None]]:
+    """Layout 1's counts as (symbol, alphabet size, probabilities or None: uniform), in decoding
+    order (the module docstring)."""
+    out: list[tuple[int, int, np.ndarray | None]] = []
+    prev_l = prev_f = None
+    for n_b, c in zip(sizes, counts, strict=True):
+        n_b, c = int(n_b), int(c)
+        if n_b == 0:
+            continue
+        m, half = min(c, n_b - c), n_b // 2
+        length = m.bit_length()
+        out.append((length, half.bit_length() + 1, _length_probs(half.bit_length(), prev_l)))
+        if length >= 2:
+            low = 1 << (length - 1)
+            value, size = m - low, min(low, half - low + 1)
+            if size <= 1 << PIECE:
+                out.append((value, size, None))
+            else:  # high piece, then low piece
+                hi = value >> PIECE
+                out += [(hi, ((size - 1) >> PIECE) + 1, None),
+                        (value & ((1 << PIECE) - 1), _low_size(hi, size), None)]
+        if 2 * m < n_b:
+            out.append((int(c > n_b - c), 2, _flag_probs(prev_f)))
+            prev_f = out[-1][0]
+        prev_l = length
+    return out
+
+
+def _count_bits(sizes, counts) -> float:
+    """The ideal bits layout 1 spends on these bucket counts (for the encoder's bucket choice)."""
+    return float(sum(np.log2(size) if probs is None else -np.log2(probs[sym])
+                     for sym, size, probs in _count_symbols(sizes, counts)))
+
+
+def _model(size: int, probs: np.ndarray | None):
+    import constriction
+
+    m = constriction.stream.model
+    return m.Uniform(size) if probs is None else m.Categorical(probs, perfect=False)
+
+
+def _encode_counts(coder, sizes, counts) -> None:
+    """Push the counts so that they decode first, in bucket order (a stack: reverse order)."""
+    for sym, size, probs in reversed(_count_symbols(sizes, counts)):
+        if size > 1:  # a one-value alphabet costs nothing and is not coded
+            coder.encode_reverse(np.array([sym], dtype=np.int32), _model(size, probs))
+
+
+def _decode_counts(coder, sizes) -> list[int]:
+    """Inverse of :func:`_encode_counts`: every decoded value is in range by construction."""
+
+    def read(size: int, probs: np.ndarray | None = None) -> int:
+        return int(coder.decode(_model(size, probs), 1)[0]) if size > 1 else 0
+
+    counts, prev_l, prev_f = [], None, None
+    for n_b in (int(x) for x in sizes):
+        if n_b == 0:
+            counts.append(0)
+            continue
+        half = n_b // 2
+        length = m = read(half.bit_length() + 1, _length_probs(half.bit_length(), prev_l))
+        if length >= 2:
+            low = 1 << (length - 1)
+            size = min(low, half - low + 1)
+            if size <= 1 << PIECE:
+                m = low + read(size)
+            else:
+                hi = read(((size - 1) >> PIECE) + 1)
+                m = low + (hi << PIECE) + read(_low_size(hi, size))
+        flag = 0
+        if 2 * m < n_b:
+            flag = prev_f = read(2, _flag_probs(prev_f))
+        prev_l = length
+        counts.append(n_b - m if flag else m)
+    return counts
 
 
 # ---------------------------------------------------------------------------------- contexts
@@ -185,7 +283,7 @@ def _choose_buckets(flat: np.ndarray, ctxs: TensorContexts | None) -> int:
         n = n16.reshape(-1, group).sum(1)
         c = c16.reshape(-1, group).sum(1)
         mixed = (c > 0) & (c < n)
-        cost = _entropy_bits(n, c) + 8 * sum(_varint_len(x) for x in c) + (32 if mixed.any() else 0)
+        cost = _entropy_bits(n, c) + _count_bits(n, c) + (32 if mixed.any() else 0)
         if best_cost is None or cost < best_cost - 1e-9:
             best, best_cost = lb, cost
     return best
@@ -213,13 +311,12 @@ def encode_mask(mask: np.ndarray, absw: np.ndarray | TensorContexts | None) -> b
     lb = _choose_buckets(flat, ctxs)
     order, sizes = (None, np.array([n])) if lb == 0 else ctxs.order(lb)
     seq = flat if order is None else flat[order]
-    out = bytearray([lb])
     starts = np.concatenate([[0], np.cumsum(sizes)])
-    jobs = []
+    counts, jobs = [], []
     for b, n_b in enumerate(sizes.tolist()):
         part = seq[starts[b]:starts[b + 1]]
         ones = int(np.count_nonzero(part))
-        _put_varint(out, ones)
+        counts.append(ones)
         m = min(ones, n_b - ones)
         if m == 0:
             continue
@@ -228,8 +325,6 @@ def encode_mask(mask: np.ndarray, absw: np.ndarray | TensorContexts | None) -> b
         gaps = np.diff(ranks, prepend=-1) - 1
         k, _ = _gap_params(n_b, m)
         jobs.append((n_b, m, k, gaps // k, gaps % k))
-    if not jobs:
-        return bytes(out)
     coder = constriction.stream.stack.AnsCoder()
     for n_b, m, k, q, r in reversed(jobs):  # a stack: encode in reverse decoding order
         model_r, model_q = _models(n_b, m, k)
@@ -237,26 +332,33 @@ def encode_mask(mask: np.ndarray, absw: np.ndarray | TensorContexts | None) -> b
             coder.encode_reverse(r.astype(np.int32), model_r)
         for rnd in reversed(_escape_rounds(q)):
             coder.encode_reverse(rnd, model_q)
+    _encode_counts(coder, sizes.tolist(), counts)  # pushed last: decoded first
     words = coder.get_compressed().astype("<u4", copy=False)
-    return bytes(out) + words.tobytes()
+    return bytes([(LAYOUT << 4) | lb]) + words.tobytes()
 
 
 # ---------------------------------------------------------------------------------- decoding
 
 
-def _read_counts(payload: bytes, n: int) -> tuple[int, list[int], int]:
+def _read_prefix(payload: bytes) -> tuple[int, int, list[int] | None, int]:
+    """(layout, log2 of the bucket count, layout 0's counts or None, where the words start)."""
     if not payload:
         raise CodecError("ans payload is empty")
-    lb = payload[0]
+    layout, lb = payload[0] >> 4, payload[0] & 0x0F
+    if layout > LAYOUT:
+        raise CodecError(f"ans payload has layout {layout}; this maskpack reads layouts 0 and {LAYOUT}: "
+                         "upgrade maskpack")
     if lb > MAX_LOG2_BUCKETS:
-        raise CodecError(f"ans payload declares {1 << min(lb, 30)} buckets; at most 16 are allowed")
-    pos, counts = 1, []
-    for _ in range(1 << lb):
-        c, pos = _get_varint(payload, pos)
-        counts.append(c)
+        raise CodecError(f"ans payload declares {1 << lb} buckets; at most 16 are allowed")
+    pos, counts = 1, None
+    if layout == 0:
+        counts = []
+        for _ in range(1 << lb):
+            c, pos = _get_varint(payload, pos)
+            counts.append(c)
     if (len(payload) - pos) % 4:
         raise CodecError("ans payload's coded part is not a whole number of 32-bit words")
-    return lb, counts, pos
+    return layout, lb, counts, pos
 
 
 def _decode_gaps(coder, n_b: int, m: int) -> np.ndarray:
@@ -282,28 +384,33 @@ def decode_mask(payload: bytes, numel: int, absw: np.ndarray | TensorContexts | 
     """Decode a flat bool mask of ``numel`` elements; CodecError on any inconsistency."""
     import constriction
 
-    lb, counts, pos = _read_counts(payload, numel)
+    layout, lb, counts, pos = _read_prefix(payload)
+    if layout and lb and pos == len(payload):
+        # An empty stream decodes to an all-zero mask (each model's first symbol, state 0), which
+        # the encoder codes with one bucket: with more it is a cut or forged payload.
+        raise CodecError(f"ans payload has no coded data for its {1 << lb} buckets")
     order, sizes = (None, np.array([numel])) if lb == 0 else _check_absw(absw, numel).order(lb)
     sizes = sizes.tolist()
+    words = np.frombuffer(payload, dtype="<u4", offset=pos).astype(np.uint32)
+    try:
+        coder = constriction.stream.stack.AnsCoder(words)
+        counts = _decode_counts(coder, sizes) if counts is None else counts
+    except Exception as exc:
+        raise CodecError(f"ans payload is not valid coded data: {exc}") from exc
     minors = []
     for b, (c, n_b) in enumerate(zip(counts, sizes, strict=True)):
         if c > n_b:
             raise CodecError(f"ans bucket {b} claims {c} ones but holds {n_b} elements")
         minors.append(min(c, n_b - c))
-    words = np.frombuffer(payload, dtype="<u4", offset=pos).astype(np.uint32)
     # No bound from the payload size: the stack coder keeps its most probable symbol for free
     # while its state is small, so a bucket whose minority entries come first codes to no words
     # at all. The work is bounded by the element count (c <= n_b above; callers check numel).
-    if words.size and not sum(minors):
+    if layout == 0 and words.size and not sum(minors):
         raise CodecError("ans payload has coded data but its bucket counts need none")
     # Fill with the most common majority, then fix up buckets with the other majority and minorities.
     maj = [c > n_b - c for c, n_b in zip(counts, sizes, strict=True)]
     fill = sum(n_b for mj, n_b in zip(maj, sizes, strict=True) if mj) * 2 >= numel
     out = np.full(numel, fill, dtype=bool)
-    try:
-        coder = constriction.stream.stack.AnsCoder(words)
-    except Exception as exc:
-        raise CodecError(f"ans payload is not valid coded data: {exc}") from exc
     start = 0
     for b, n_b in enumerate(sizes):
         sel = slice(start, start + n_b)
@@ -320,4 +427,6 @@ def decode_mask(payload: bytes, numel: int, absw: np.ndarray | TensorContexts | 
             raise CodecError(f"ans payload does not decode: {type(exc).__name__}: {exc}") from exc
         pos_b = ranks + sel.start
         out[pos_b if order is None else order[pos_b]] = not maj[b]
+    if layout and not coder.is_empty():  # a layout-1 stream ends with its last symbol
+        raise CodecError("ans payload has coded data after its last symbol")
     return out
