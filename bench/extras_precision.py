@@ -6,7 +6,8 @@ per-class int8 and with the stored BN statistics rounded to fewer mantissa bits,
 
 For each file and setting, one JSON line: the accuracy on the task's test split, how many test
 predictions differ from the file as stored, and the extras blob's stored size with the rounded
-values (the head's size is the file's own: quantising it here only changes the evaluated model).
+values as this version's writer stores it (the head's size is the file's own: quantising it here
+only changes the evaluated model).
 ``bn_bits`` 7 is bfloat16 as stored; fewer bits round each running mean / variance to nearest
 (ties to even) with that many explicit mantissa bits, as a trainer would before its final
 evaluation. The files are loaded with ``maskpack.load`` and evaluated as ``bench/head_agree.py`` does.
@@ -24,7 +25,7 @@ from maskpack import io, load, load_backbone
 from maskpack.data import Augmented, eval_transform, load_dataset, make_loader
 from maskpack.evaluate import extract_features
 from maskpack.extras import dequantize_head, quantize_head
-from maskpack.storage.container import encode_extras
+from maskpack.storage.container import pack_extras
 
 STATS = ("running_mean", "running_var")
 
@@ -64,7 +65,7 @@ def evaluate(path: Path, backbone, loader, bn_bits: int, head_bits: int | None) 
     stored = {k: (state[k].to(v.dtype) if k in stats else v) for k, v in extras.items()}
     return {"file": str(path), "bn_bits": bn_bits, "head_bits": head_bits,
             "pred": logits.argmax(dim=1), "y": y,
-            "extras_bytes": len(encode_extras(io._extras_blob(stored)))}
+            "extras_bytes": len(pack_extras(io._extras_blob(stored))[0])}
 
 
 def main() -> None:

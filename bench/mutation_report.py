@@ -55,7 +55,7 @@ RULES: list[tuple[str, object]] = [
     (ARITH, lambda f, a, b: re.search(r"x__gap_params|x__get_varint|x_thresholds|x__hash_of|x_default_budget|"
                                       r"x__resolve", f) is not None
      or ("x_encode_mask" in f and ("order is None" in a or "gaps // k" in a))
-     or ("x_decode_mask" in f and "_read_counts" in a)),
+     or ("x_decode_mask" in f and "_read_prefix" in a)),
     (ENCODER, lambda f, a, b: re.search(r"_choose_buckets|x_decode_mask.*\bfill\b", f + " " + a) is not None
      or ("x_decode_mask" in f and "fill" in a) or "x__entropy_bits" in f),
     (BOUNDARY, lambda f, a, b: bool(re.search(r"STALE_|cap \+ 1|limit \+ 1|_MAX_FUSED|> limit|> most|"
