@@ -77,7 +77,9 @@ def _get_varint(data: bytes, pos: int) -> tuple[int, int]:
 def _length_probs(lmax: int, prev: int | None) -> np.ndarray:
     """P(L) over ``0..lmax``: ``2^-|L - prev|`` normalised (uniform without a previous bucket)."""
     ls = np.arange(lmax + 1)
-    p = np.ones(lmax + 1) if prev is None else np.exp2(-np.abs(ls - min(prev, lmax)))
+    # ldexp: exact powers of two (and an exact sum) on every platform, so every decoder builds
+    # the same table
+    p = np.ones(lmax + 1) if prev is None else np.ldexp(1.0, -np.abs(ls - min(prev, lmax)))
     return p / p.sum()
 
 
