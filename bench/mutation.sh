@@ -32,7 +32,8 @@ fi
 TESTS=(tests/test_storage_container.py tests/test_storage_codecs.py tests/test_io.py
        tests/test_io_contracts.py tests/test_storage_contracts.py tests/test_rehydrate.py tests/test_masking.py
        tests/test_masking_fused.py tests/test_theorems.py tests/test_hostile.py
-       tests/test_validation_rules.py tests/test_validation_rules_data.py)
+       tests/test_validation_rules.py tests/test_validation_rules_data.py tests/test_ans_counts.py
+       tests/test_format_v1.py)
 # Whole training runs (a minute each) that other tests in these files cover in pieces.
 DESELECT=(tests/test_masking_fused.py::test_trainer_compile_option_trains_the_same_masks
           tests/test_masking_fused.py::test_compiled_channels_last_training_rehydrates_bit_identically)
@@ -49,6 +50,7 @@ rm -rf "$WORK/maskpack" "$WORK/tests"
 cp -r "$ROOT/maskpack" "$WORK/maskpack"
 mkdir -p "$WORK/tests"
 cp "$ROOT/tests/conftest.py" "$ROOT/tests/mask_files.py" "${TESTS[@]/#/$ROOT/}" "$WORK/tests/"
+cp -r "$ROOT/tests/data" "$WORK/tests/data"  # pinned files of format version 1
 rm -rf "$WORK/bench" && mkdir -p "$WORK/bench"
 cp "$ROOT"/bench/fuzz*.py "$WORK/bench/"  # tests/test_hostile.py runs the fuzz harness
 find "$WORK/maskpack" -name __pycache__ -prune -exec rm -rf {} +
