@@ -24,20 +24,10 @@ import torch
 from maskpack import io, load, load_backbone
 from maskpack.data import Augmented, eval_transform, load_dataset, make_loader
 from maskpack.evaluate import extract_features
-from maskpack.extras import dequantize_head, quantize_head
+from maskpack.extras import dequantize_head, quantize_head, round_mantissa
 from maskpack.storage.container import pack_extras
 
 STATS = ("running_mean", "running_var")
-
-
-def round_mantissa(t: torch.Tensor, bits: int) -> torch.Tensor:
-    """float32 values rounded to nearest (ties to even) with ``bits`` explicit mantissa bits."""
-    if bits >= 23:
-        return t.float()
-    drop = 23 - bits
-    u = t.float().contiguous().view(torch.int32)
-    u = (u + ((1 << (drop - 1)) - 1) + ((u >> drop) & 1)) & ~((1 << drop) - 1)
-    return u.view(torch.float32)
 
 
 def _loader(path: Path):

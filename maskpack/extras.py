@@ -82,6 +82,38 @@ def round_tensors_(tensors: Iterable[tuple[str, torch.Tensor]], dtype: str) -> N
         t.copy_(r.to(t.dtype))
 
 
+def round_mantissa(t: torch.Tensor, bits: int) -> torch.Tensor:
+    """Values rounded to nearest (ties to even) with ``bits`` explicit mantissa bits, as float32.
+
+    The exponent is kept, so the relative error is at most ``2^-(bits+1)``; with ``bits`` <= 10
+    (7) the result is exact in float16 (bfloat16) wherever that dtype holds the value as a normal
+    number, and the low mantissa bits of the stored values are zero, which the extras' byte planes
+    compress to almost nothing.
+
+    Args:
+        t: a floating tensor (computed on as float32).
+        bits: 0 to 23; 23 returns the float32 values unchanged.
+
+    Returns:
+        A new float32 tensor.
+
+    Raises:
+        ConfigError: ``bits`` out of range, or a value that rounds to infinity.
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 0 <= bits <= 23:
+        raise ConfigError(f"mantissa bits must be an integer in 0..23, got {bits!r}")
+    x = t.detach().to(torch.float32).contiguous()
+    if bits == 23:
+        return x.clone()
+    drop = 23 - bits
+    u = x.view(torch.int32)
+    u = (u + ((1 << (drop - 1)) - 1) + ((u >> drop) & 1)) & ~((1 << drop) - 1)
+    out = u.view(torch.float32)
+    if bool(torch.isfinite(x).all()) and not bool(torch.isfinite(out).all()):
+        raise ConfigError(f"a value of {float(x.abs().max()):.4g} overflows when rounded to {bits} mantissa bits")
+    return out
+
+
 @torch.no_grad()
 def fold_bn_(bn: nn.Module) -> None:
     """Fold an eval-mode BatchNorm layer's statistics into its weight and bias (module docstring).

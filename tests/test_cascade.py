@@ -137,6 +137,31 @@ def test_float16_router_routes_from_its_stored_values():
     assert len(pairs) == K and sorted(torch.bincount(routes, minlength=K).tolist()) == [40, 40, 40]
 
 
+def _low_bits(t: torch.Tensor, bits: int) -> torch.Tensor:
+    """The float16 mantissa bits below the first ``bits`` of each normal value (subnormals: 0)."""
+    h = t.to(torch.float16)
+    return torch.where(h.abs() >= 2.0 ** -14, h.view(torch.int16) & ((1 << (10 - bits)) - 1), 0)
+
+
+def test_mantissa_bits_round_the_router_basis_and_the_whitening():
+    feats = _blobs()
+    r3 = fit_router(feats, n_experts=K, dim=5, seed=3, dtype=torch.float16, bits=3)
+    full = fit_router(feats, n_experts=K, dim=5, seed=3, dtype=torch.float16)
+    assert not _low_bits(r3["pca_components"], 3).any() and _low_bits(full["pca_components"], 3).any()
+    # only the basis is rounded (the mean and the mixture are small), and to nearest
+    assert torch.equal(r3["pca_mean"], full["pca_mean"])
+    err = (r3["pca_components"].double() - full["pca_components"].double()).abs()
+    assert (err <= full["pca_components"].double().abs() * 2.0 ** -4 + 2.0 ** -24).all()
+    # the mixture is fitted on the rounded basis: the stored router routes its own training images
+    routes = CascadeModel(TaskModel(torch.nn.Identity()), [], r3, {}).route_features(feats)
+    assert sorted(torch.bincount(routes, minlength=K).tolist()) == [40, 40, 40]
+    blocks = torch.cat([feats, feats.flip(0)], 1)
+    w3 = fit_combination(blocks, width=8, kind="subspace", n_blocks=2, router=r3, bits=3)
+    assert not _low_bits(w3["whiten"], 3).any()
+    c2 = fit_combination(blocks, width=6, kind="pca", n_blocks=2, bits=2)
+    assert not _low_bits(c2["components"], 2).any()
+
+
 def test_router_overflowing_float16_is_an_error():
     feats = _blobs() * 1e6  # the mean does not fit float16
     with pytest.raises(maskpack.errors.DataError, match="does not fit torch.float16"):

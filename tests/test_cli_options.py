@@ -115,7 +115,7 @@ def test_cascade_through_the_cli(tmp_path):
     out = tmp_path / "c"
     res = invoke("cascade", "--dataset", "digits", "--image-size", "32", "--epochs", "1", "--max-steps", "2",
                  "--experts", "2", "--batch-size", "8", "--expert-steps", "2", "--router-dim", "4",
-                 "--threads", "1", "--no-probe", "--quiet", "--out", out,
+                 "--threads", "1", "--no-probe", "--quiet", "--out", out, "--modes", "unconditional,conditional",
                  "--set", "train_indices=" + json.dumps(list(range(96))), "--set", "bn_reestimate_batches=1",
                  "--set", "swav_prototypes=10", "--set", "mask_layers=last:3")
     assert res.exit_code == 0, res.output
@@ -134,6 +134,12 @@ def test_cascade_through_the_cli(tmp_path):
     assert is_cascade(path)
     cascade = load_cascade(path, maskpack.load_backbone())
     assert cascade.num_experts == 2
+    # the default --mantissa-bits 2: the router's basis keeps 2 of float16's 10 mantissa bits
+    assert info["command_config"]["mantissa_bits"] == 2
+    assert cascade.router_dtype == torch.float16  # held in float64 for routing
+    basis = cascade.router["pca_components"].to(torch.float16)
+    normal = basis.abs() >= 2.0 ** -14  # (float16's subnormals have fewer bits anyway)
+    assert normal.sum() > basis.numel() // 2 and not (basis.view(torch.int16) & 0xFF)[normal].any()
     emb = cascade(torch.randn(2, 3, 32, 32), "unconditional")
     assert emb.shape == (2, cascade.embed_dim("unconditional")) and torch.isfinite(emb).all()
     with pytest.raises(maskpack.errors.FormatError, match="holds a cascade"):

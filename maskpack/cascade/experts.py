@@ -24,7 +24,7 @@ from .. import masking
 from ..bn import bn_after
 from ..errors import ConfigError
 
-DEFAULT_EXPERT_LAYERS = "last:4"
+DEFAULT_EXPERT_LAYERS = "last:3"
 EXPERT_BN = ("adapt", "frozen")
 
 

@@ -6,27 +6,35 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from ..extras import round_mantissa
 from .combine import DTYPES, check_kind
 
 ROUTER_DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+# Mantissa bits kept in the router's PCA basis and the combination's matrix by default (None: all):
+# on the documented digits cascade 2 bits halve the router's stored bytes and keep the k-NN gain
+# (docs/results/cascade-v2.md).
+MANTISSA_BITS: int | None = 2
 
 
-def _stored(t: np.ndarray, dtype: torch.dtype, name: str) -> torch.Tensor:
-    """``t`` rounded to the stored ``dtype`` (an error when it does not fit)."""
-    out = torch.from_numpy(np.ascontiguousarray(t)).to(dtype)
+def _stored(t: np.ndarray, dtype: torch.dtype, name: str, bits: int | None = None) -> torch.Tensor:
+    """``t`` rounded to ``bits`` mantissa bits (None: all of ``dtype``'s) and to the stored
+    ``dtype`` (an error when it does not fit)."""
+    x = torch.from_numpy(np.ascontiguousarray(t))
+    out = (x if bits is None else round_mantissa(x, bits)).to(dtype)
     if not torch.isfinite(out).all():
-        raise DataError(f"router tensor {name!r} does not fit {dtype} (overflow): "
-                        "use --router-dtype float32")
+        raise DataError(f"cascade tensor {name!r} does not fit {dtype} (overflow): store it in float32 "
+                        "(--router-dtype / --combine-dtype float32)")
     return out
 
 
 def fit_router(features: torch.Tensor, *, n_experts: int = 5, dim: int = 20, seed: int = 0,
-               dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+               dtype: torch.dtype = torch.float64, bits: int | None = None) -> dict[str, torch.Tensor]:
     """PCA to ``dim`` dimensions + a ``n_experts``-way full-covariance Gaussian mixture.
 
-    The router is stored in ``dtype`` by construction: the PCA is rounded to ``dtype`` before the
-    mixture is fitted on the rounded projection, and the mixture's parameters are rounded after,
-    so the returned (stored) tensors route the training images exactly as a loaded file does.
+    The router is stored in ``dtype`` by construction: the PCA is rounded to ``dtype`` (its
+    components to ``bits`` mantissa bits when given) before the mixture is fitted on the rounded
+    projection, and the mixture's parameters are rounded after, so the returned (stored) tensors
+    route the training images exactly as a loaded file does.
 
     Args:
         features: dispatcher features of the training set (N, F).
@@ -34,6 +42,7 @@ def fit_router(features: torch.Tensor, *, n_experts: int = 5, dim: int = 20, see
         dim: PCA dimensions (capped at ``min(N - 1, F)``).
         seed: the mixture's ``random_state`` (PCA uses the exact, deterministic solver).
         dtype: stored precision, float16, float32 or float64.
+        bits: mantissa bits kept in ``pca_components`` (the largest tensor; float16 has 10), or None.
 
     Returns:
         The router tensors of :class:`CascadeModel`, in ``dtype``.
@@ -53,7 +62,7 @@ def fit_router(features: torch.Tensor, *, n_experts: int = 5, dim: int = 20, see
     dim = max(1, min(dim, n - 1, f))
     pca = PCA(n_components=dim, svd_solver="full").fit(x)
     out = {"pca_mean": _stored(pca.mean_, dtype, "pca_mean"),
-           "pca_components": _stored(pca.components_, dtype, "pca_components")}
+           "pca_components": _stored(pca.components_, dtype, "pca_components", bits)}
     # the projection CascadeModel.route_features computes, from the stored values
     y = (torch.from_numpy(x) - out["pca_mean"].double()) @ out["pca_components"].double().t()
     gmm = GaussianMixture(n_components=n_experts, covariance_type="full", random_state=seed,
@@ -69,8 +78,8 @@ def fit_router(features: torch.Tensor, *, n_experts: int = 5, dim: int = 20, see
 
 
 def fit_combination(blocks: torch.Tensor, *, width: int, seed: int = 0, dtype: torch.dtype = torch.float16,
-                    kind: str = "pca", n_blocks: int = 1,
-                    router: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                    kind: str = "pca", n_blocks: int = 1, router: dict[str, torch.Tensor] | None = None,
+                    bits: int | None = None) -> dict[str, torch.Tensor]:
     """The tensors of combination ``kind`` (:mod:`.combine`) fitted on training blocks (N, C).
 
     * ``pca``: a whitened PCA to ``width`` dimensions, capped at the data's rank (``N - 1``);
@@ -92,6 +101,7 @@ def fit_combination(blocks: torch.Tensor, *, width: int, seed: int = 0, dtype: t
         kind: one of :data:`maskpack.cascade.combine.KINDS`.
         n_blocks: K + 1 (for the shape check).
         router: the router's tensors (``subspace`` only).
+        bits: mantissa bits kept in the matrix (``whiten`` / ``components``), or None for all.
 
     Returns:
         ``{name: tensor}`` as stored under ``combine/<mode>/``.
@@ -124,11 +134,11 @@ def fit_combination(blocks: torch.Tensor, *, width: int, seed: int = 0, dtype: t
         m = comp.T @ (comp / np.sqrt(pca.explained_variance_[:keep])[:, None])  # ZCA: symmetric (C, C)
         rows, cols = np.triu_indices(m.shape[0])
         out = {"mean": torch.from_numpy(pca.mean_).to(dtype),
-               "whiten": torch.from_numpy(m[rows, cols].copy()).to(dtype)}
+               "whiten": _stored(m[rows, cols], dtype, "whiten", bits)}
         if not all(torch.isfinite(v).all() for v in out.values()):
             raise DataError(f"the subspace whitening does not fit {dtype}: use --combine-dtype float32")
         return out
-    return _fit_pca(blocks, width, seed, dtype)
+    return _fit_pca(blocks, width, seed, dtype, bits)
 
 
 def _whitened_pca(blocks: torch.Tensor, width: int, seed: int):
@@ -147,9 +157,10 @@ def _whitened_pca(blocks: torch.Tensor, width: int, seed: int):
     return pca, keep
 
 
-def _fit_pca(blocks: torch.Tensor, width: int, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _fit_pca(blocks: torch.Tensor, width: int, seed: int, dtype: torch.dtype,
+             bits: int | None) -> dict[str, torch.Tensor]:
     pca, keep = _whitened_pca(blocks, width, seed)
     var = pca.explained_variance_
     return {"mean": torch.from_numpy(pca.mean_.astype(np.float32)),
-            "components": torch.from_numpy(pca.components_[:keep].copy()).to(dtype),
+            "components": _stored(pca.components_[:keep], dtype, "components", bits),
             "scale": torch.from_numpy((1.0 / np.sqrt(var[:keep])).astype(np.float32))}

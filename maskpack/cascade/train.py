@@ -34,7 +34,7 @@ from ..errors import ConfigError, DataError, FormatError
 from ..model import TaskModel
 from .combine import DEFAULT_KIND, DTYPES, check_kind
 from .experts import DEFAULT_EXPERT_LAYERS, check_expert_bn, expert_scope, expert_tensors
-from .fit import ROUTER_DTYPES, fit_combination, fit_router
+from .fit import MANTISSA_BITS, ROUTER_DTYPES, fit_combination, fit_router
 from .format import load_cascade, read_cascade, save_cascade
 from .model import MODES, CascadeModel
 
@@ -64,6 +64,9 @@ class CascadeConfig:
         combine_dtype: ``float16`` or ``float32`` for the stored combination tensors.
         router_dtype: ``float16``, ``float32`` or ``float64``: the router's stored precision (the
             routes are computed from the rounded values, in training as after loading).
+        mantissa_bits: mantissa bits kept in the largest stored matrices, the router's PCA basis
+            and the combination's whitening / components (float16 has 10); fewer compress better.
+            The cascade is fitted and evaluated with the rounded values. None: all of the dtype's.
         expert_layers: which of the dispatcher's masked tensors the experts train: ``all`` or
             ``last:N``; the others keep the dispatcher's mask (their XOR deltas are all zero).
         expert_bn: ``adapt``: the BN layers right after the experts' trained tensors adapt to the
@@ -80,11 +83,12 @@ class CascadeConfig:
     experts: int = 5
     router_dim: int = 20
     expert_steps: int | None = None
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = ("unconditional",)  # the conditional mode is stored only on request
     combine: str = DEFAULT_KIND
     combine_width: int | None = None
     combine_dtype: str = "float16"
     router_dtype: str = "float16"
+    mantissa_bits: int | None = MANTISSA_BITS
     expert_layers: str = DEFAULT_EXPERT_LAYERS
     expert_bn: str = "frozen"
     probe: bool = True
@@ -301,6 +305,9 @@ def _check(c: CascadeConfig) -> tuple[torch.dtype, torch.dtype]:
     check_kind(c.combine)
     check_expert_bn(c.expert_bn)
     expert_tensors(c.expert_layers, [])  # syntax only; the names are the dispatcher's
+    if c.mantissa_bits is not None and (isinstance(c.mantissa_bits, bool) or not isinstance(c.mantissa_bits, int)
+                                        or not 1 <= c.mantissa_bits <= 23):
+        raise ConfigError(f"--mantissa-bits must be an integer in 1..23, got {c.mantissa_bits!r}")
     return (_dtype(c.combine_dtype, DTYPES, "combine dtype"),
             _dtype(c.router_dtype, ROUTER_DTYPES, "router dtype"))
 
@@ -351,7 +358,8 @@ def _combine_stage(c: CascadeConfig, d_model, e_models, router, d_tr, e_tr, rout
                  "conditional": CascadeModel.conditional_blocks([d_tr, *e_tr], routes_tr)}
     n = len(e_tr) + 1
     full = n * router["pca_components"].shape[0] if c.combine == "subspace" else d_tr.shape[1]
-    fit = dict(width=c.combine_width or full, seed=c.seed, dtype=dtype, kind=c.combine, router=router)
+    fit = dict(width=c.combine_width or full, seed=c.seed, dtype=dtype, kind=c.combine, router=router,
+               bits=c.mantissa_bits)
     combine = {mode: fit_combination(blocks_tr[mode], n_blocks=n, **fit) for mode in c.modes}
     model = CascadeModel(d_model, e_models, router, combine, mode=c.modes[0], combine_kind=c.combine)
     routes_te = model.route_features(test_f[0])
@@ -400,7 +408,8 @@ def train_cascade(config: CascadeConfig) -> CascadeResult:
     t_disp = time.perf_counter() - t0
     d_model = _model_of(bb, disp)
     (d_tr,), y_tr = _features([d_model], data.train, train_idx, size, bb)
-    router = fit_router(d_tr, n_experts=c.experts, dim=c.router_dim, seed=c.seed, dtype=router_dtype)
+    router = fit_router(d_tr, n_experts=c.experts, dim=c.router_dim, seed=c.seed, dtype=router_dtype,
+                        bits=c.mantissa_bits)
     routes_tr = distributed.broadcast_(CascadeModel(d_model, [], router, {}).route_features(d_tr))
     sizes = _check_clusters(routes_tr, c.experts)  # every rank trains the same experts
     log(f"router: PCA {router['pca_components'].shape[0]} dims + {c.experts}-way GMM, cluster sizes {sizes}")

@@ -8,6 +8,7 @@ import click
 
 from ..cascade.combine import DEFAULT_KIND, KINDS
 from ..cascade.experts import DEFAULT_EXPERT_LAYERS, EXPERT_BN
+from ..cascade.fit import MANTISSA_BITS
 from ..train.config import recipe_default
 from . import handle_errors, main, parse_set
 
@@ -34,8 +35,9 @@ from . import handle_errors, main, parse_set
 @click.option("--router-dim", type=int, default=20, show_default=True, help="PCA dimensions of the router.")
 @click.option("--expert-steps", type=int, default=None,
               help="Steps per expert (default: the dispatcher's total steps).")
-@click.option("--modes", default="unconditional,conditional", show_default=True,
-              help="Combinations to fit, evaluate and store (comma-separated).")
+@click.option("--modes", default="unconditional", show_default=True,
+              help="Combinations to fit, evaluate and store (comma-separated): unconditional (every "
+                   "expert's features) and/or conditional (only the routed expert's).")
 @click.option("--combine", "combine_kind", type=click.Choice(list(KINDS)), default=DEFAULT_KIND,
               show_default=True,
               help="How the K+1 feature blocks become one embedding: subspace (each block on the router's "
@@ -49,6 +51,10 @@ from . import handle_errors, main, parse_set
               show_default=True, help="Storage dtype of the combination's tensors.")
 @click.option("--router-dtype", type=click.Choice(["float16", "float32", "float64"]), default="float16",
               show_default=True, help="Storage dtype of the router (routes use the stored values).")
+@click.option("--mantissa-bits", type=int, default=MANTISSA_BITS, show_default=True,
+              help="Mantissa bits kept in the router's PCA basis and the combination's matrix (float16 "
+                   "has 10; fewer compress better; the cascade is fitted and evaluated with the rounded "
+                   "values).")
 @click.option("--expert-layers", default=DEFAULT_EXPERT_LAYERS, show_default=True,
               help="Which of the dispatcher's masked tensors the experts train: all or last:N "
                    "(the others keep the dispatcher's mask and cost ~nothing).")
@@ -65,8 +71,8 @@ from . import handle_errors, main, parse_set
 @handle_errors
 def cascade_cmd(dispatcher, dataset, data_dir, download, image_size, epochs, batch_size, lr, max_steps,
                 set_values, experts, router_dim, expert_steps, modes, combine_kind, combine_width,
-                combine_dtype, router_dtype, expert_layers, expert_bn, probe, seed, threads, device, out,
-                quiet, json_out) -> None:
+                combine_dtype, router_dtype, mantissa_bits, expert_layers, expert_bn, probe, seed, threads,
+                device, out, quiet, json_out) -> None:
     """Train a cascade: a SwAV dispatcher mask, a PCA + Gaussian-mixture router, one expert
     mask per cluster (initialised from the dispatcher), and a combination of their features.
 
@@ -96,7 +102,8 @@ def cascade_cmd(dispatcher, dataset, data_dir, download, image_size, epochs, bat
     cfg = CascadeConfig(dispatcher=dispatcher, train=tc, experts=experts, router_dim=router_dim,
                         expert_steps=expert_steps, modes=mode_list, combine=combine_kind,
                         combine_width=combine_width,
-                        combine_dtype=combine_dtype, router_dtype=router_dtype, expert_layers=expert_layers,
+                        combine_dtype=combine_dtype, router_dtype=router_dtype, mantissa_bits=mantissa_bits,
+                        expert_layers=expert_layers,
                         expert_bn=expert_bn, probe=probe,
                         out=out or f"runs/cascade-{slug}", seed=seed, quiet=quiet)
     result = train_cascade(cfg)
