@@ -27,8 +27,8 @@ import maskpack  # noqa: E402
 from maskpack import io as mio  # noqa: E402
 from maskpack.storage.entropy import (  # noqa: E402
     TensorContexts,
-    _entropy_bits,
     _count_bits,
+    _entropy_bits,
     conditional_entropy_bits,
     contexts,
     encode_mask,

@@ -50,7 +50,8 @@ def evaluate(path: Path, backbone, loader, bn_bits: int, head_bits: int | None) 
             state[k].copy_(round_mantissa(state[k], bn_bits))
         if head_bits:
             w = state["head.weight"]
-            w.copy_(dequantize_head(*quantize_head(w, head_bits, mf.metadata.get("extras.dtype", "float32"))))
+            dtype = mf.metadata.get("extras.dtype", "float32")
+            w.copy_(dequantize_head(*quantize_head(w, head_bits, dtype)))
     _, y, logits = extract_features(model, loader, with_logits=True)
     stored = {k: (state[k].to(v.dtype) if k in stats else v) for k, v in extras.items()}
     return {"file": str(path), "bn_bits": bn_bits, "head_bits": head_bits,
@@ -63,7 +64,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+", type=Path)
     ap.add_argument("--bn-bits", default="7,6,5,4", help="mantissa bits to try (7: bfloat16 as stored)")
-    ap.add_argument("--head-bits", type=int, default=None, help="also evaluate with an int8 (8) or int4 (4) head")
+    ap.add_argument("--head-bits", type=int, default=None,
+                    help="also evaluate with an int8 (8) or int4 (4) head")
     args = ap.parse_args()
     settings = [(int(b), None) for b in args.bn_bits.split(",")]
     if args.head_bits:

@@ -98,8 +98,8 @@ def as_version_1(data: bytes) -> bytes:
 
     h, hlen, body = split(data)
     e = h["extras"]
-    blob = container.decode_extras(body[e["offset"]:e["offset"] + e["length"]],
-                                   container.ExtrasEntry(0, 0, 0, e["size"], e.pop("planes")), "seed", 1 << 30)
+    entry = container.ExtrasEntry(0, 0, 0, e["size"], e.pop("planes"))
+    blob = container.decode_extras(body[e["offset"]:e["offset"] + e["length"]], entry, "seed", 1 << 30)
     stored = container.encode_extras(blob, 4)
     e.update(length=len(stored), crc32=zlib.crc32(stored))
     text = json.dumps(h, separators=(",", ":")).encode()

@@ -110,7 +110,8 @@ def round_mantissa(t: torch.Tensor, bits: int) -> torch.Tensor:
     u = (u + ((1 << (drop - 1)) - 1) + ((u >> drop) & 1)) & ~((1 << drop) - 1)
     out = u.view(torch.float32)
     if bool(torch.isfinite(x).all()) and not bool(torch.isfinite(out).all()):
-        raise ConfigError(f"a value of {float(x.abs().max()):.4g} overflows when rounded to {bits} mantissa bits")
+        raise ConfigError(f"a value of {float(x.abs().max()):.4g} overflows when rounded to {bits} "
+                          "mantissa bits")
     return out
 
 

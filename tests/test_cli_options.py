@@ -115,7 +115,8 @@ def test_cascade_through_the_cli(tmp_path):
     out = tmp_path / "c"
     res = invoke("cascade", "--dataset", "digits", "--image-size", "32", "--epochs", "1", "--max-steps", "2",
                  "--experts", "2", "--batch-size", "8", "--expert-steps", "2", "--router-dim", "4",
-                 "--threads", "1", "--no-probe", "--quiet", "--out", out, "--modes", "unconditional,conditional",
+                 "--threads", "1", "--no-probe", "--quiet", "--out", out,
+                 "--modes", "unconditional,conditional",
                  "--set", "train_indices=" + json.dumps(list(range(96))), "--set", "bn_reestimate_batches=1",
                  "--set", "swav_prototypes=10", "--set", "mask_layers=last:3")
     assert res.exit_code == 0, res.output

@@ -10,14 +10,23 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from mask_files import (
+    deflate,
+    fixed_masks,
+    fixed_net,
+    pack_file,
+    read_file,
+    refused,
+    rewrite_header,
+    save_good,
+    split_file,
+)
+from test_storage_codecs import _golden_case
 
 import maskpack
 from maskpack.cli import main
 from maskpack.storage import container
 from maskpack.storage.codecs import get_codec
-from mask_files import (deflate, fixed_masks, fixed_net, pack_file, read_file, refused, rewrite_header,
-                        save_good, split_file)
-from test_storage_codecs import _golden_case
 
 V1 = Path(__file__).parent / "data" / "format-v1"
 
@@ -34,7 +43,8 @@ V1_SHA256 = {
     "ans-extras.mask": "fbd4f00eb418d4d72d8389632a50fbe11f9ecfc35dc403960849989cb348c808",
     "raw.mask": "514403b5b66ec16d105323ecf36ae88d9f794bded168b60ac69de693f26fdb44",
     "ans-payload-100000-11-0.0-1.0-3.bin": "2878974ed21fe8f4a04f309eef9d59bb3dbe8596d2bdf75529347fdaca7e875d",
-    "ans-payload-100000-8-0.001-0.01-1.bin": "78c24b1743cd481fb0d61101396797e199ab18138b03724bde4d338d50581a69",
+    "ans-payload-100000-8-0.001-0.01-1.bin":
+        "78c24b1743cd481fb0d61101396797e199ab18138b03724bde4d338d50581a69",
     "ans-payload-20000-5-0.0-0.6-1.bin": "4459b7e7f965586e601c98728b21569a512455e27e7a9aa39f4bec358f477ef9",
     "ans-payload-20000-6-0.4-0.2-1.bin": "6f0e451acb406afa068401e2c886c2f5bd1136f08ceec73ebb375b361323a00f",
     "ans-payload-5000-3-0.02-0.3-1.bin": "92b2dd4da2e8dffa832d83c7b1209a6099ca98cca4d527abc490e998ad133662",

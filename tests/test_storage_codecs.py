@@ -396,8 +396,10 @@ TRUNC, TRAIL = "payload is truncated (compressed stream has no end)", "payload h
     ("ans", bytes([200, 0]), 8, "ans payload has layout 12; this maskpack reads layouts 0 and 1: upgrade "
      "maskpack"),
     ("ans", bytes([0x14]), 8, "ans payload has no coded data for its 16 buckets"),
-    ("ans", bytes([0x10]) + (1).to_bytes(4, "little") * 2, 8, "ans payload has coded data after its last symbol"),
-    ("ans", bytes([0x11, 0, 0, 0, 0]), 8, "the ans codec needs the backbone's weights to decode: pass the backbone"),
+    ("ans", bytes([0x10]) + (1).to_bytes(4, "little") * 2, 8,
+     "ans payload has coded data after its last symbol"),
+    ("ans", bytes([0x11, 0, 0, 0, 0]), 8,
+     "the ans codec needs the backbone's weights to decode: pass the backbone"),
     ("ans", bytes.fromhex("000121d7d982f8bd1045"), 10**6, "ans payload decodes to a run longer than its "
      "bucket"),
     ("ans", bytes.fromhex("0004a3d631b8"), 26, "ans payload decodes to positions past the end of its bucket"),

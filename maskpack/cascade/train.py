@@ -305,8 +305,8 @@ def _check(c: CascadeConfig) -> tuple[torch.dtype, torch.dtype]:
     check_kind(c.combine)
     check_expert_bn(c.expert_bn)
     expert_tensors(c.expert_layers, [])  # syntax only; the names are the dispatcher's
-    if c.mantissa_bits is not None and (isinstance(c.mantissa_bits, bool) or not isinstance(c.mantissa_bits, int)
-                                        or not 1 <= c.mantissa_bits <= 23):
+    bits = c.mantissa_bits
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 23):
         raise ConfigError(f"--mantissa-bits must be an integer in 1..23, got {c.mantissa_bits!r}")
     return (_dtype(c.combine_dtype, DTYPES, "combine dtype"),
             _dtype(c.router_dtype, ROUTER_DTYPES, "router dtype"))

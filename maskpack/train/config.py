@@ -143,7 +143,7 @@ class TrainConfig:
     bn_affine_scope: str | None = None  # train_bn_affine on "all" BN layers or the "masked" layers' own BN
     bn_fold: bool | None = None  # masks: fold adapted BN layers into scale/shift at the end (fewer extras)
     extras_dtype: str | None = None  # masks: float32 | bfloat16 | float16; extras rounded to it at the end
-    head_bits: int | None = None  # supervised masks: 8 | 4 head.weight as per-class int8 / int4; 0: off; None: recipe
+    head_bits: int | None = None  # supervised masks: 8 | 4 per-class int8 / int4 head; 0: off; None: recipe
     score_grad_norm: bool | None = None  # masks: divide each score tensor's gradient by its mean |g|
     sync_bn: bool = False  # under torchrun (CUDA): SyncBatchNorm, batch statistics over the global batch
     # SwAV
