@@ -38,11 +38,12 @@ def test_every_recipe_resolves(recipe, method, objective):
 
 
 def test_default_mask_recipe_is_the_studys_normalised_recipe():
-    # docs/recipe-study.md: per-tensor normalised score updates at lr 0.002; S0 = 1 and threshold
+    # docs/recipe-study.md: per-tensor normalised score updates at lr 0.003 (0.002 under
+    # `normalized`, every layer masked); S0 = 1 and threshold
     # 0 stay the paper's; the extras are the head and the adapted BN statistics in bfloat16 (no BN
     # weight/bias: "What the extras cost"). The paper's raw lr stays available as `lr50`.
     c = resolve_config(TrainConfig(epochs=8))
-    assert c.lr == 0.002 and c.score_grad_norm is True and c.train_bn_affine is False
+    assert c.lr == 0.003 and c.score_grad_norm is True and c.train_bn_affine is False
     assert (c.extras_dtype, c.bn_fold) == ("bfloat16", False)
     n = resolve_config(TrainConfig(recipe="normalized"))
     assert (n.extras_dtype, n.bn_fold, n.bn_affine_scope) == ("float32", False, "all")

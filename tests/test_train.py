@@ -395,7 +395,7 @@ def test_swav_recipe_defaults():
     assert (e.swav_crops, e.lr, e.head_only_epochs, e.swav_jitter) == ((2, 4), 0.002, 1.0, 0.0)
     assert (p.mask_layers, p.bn_mode) == ("all", "train")
     s = resolve_config(TrainConfig(epochs=8))
-    assert s.head_only_epochs == 0.0 and s.lr == 0.002 and not s.train_bn_affine
+    assert s.head_only_epochs == 0.0 and s.lr == 0.003 and not s.train_bn_affine
     assert (s.mask_layers, s.bn_mode) == ("last:25", "masked")  # supervised default
     n = resolve_config(TrainConfig(epochs=8, recipe="normalized"))
     assert (n.mask_layers, n.bn_mode, n.lr, n.train_bn_affine) == ("all", "train", 0.002, True)
