@@ -7,7 +7,7 @@ import constriction
 import numpy as np
 import pytest
 
-from maskpack.storage.entropy import _count_bits, _count_symbols, _decode_counts, _encode_counts
+from maskpack.storage.entropy import _count_bits, _count_symbols, _decode_counts, _encode_counts, _low_size
 
 
 def _l_bits(length: int, lmax: int, prev: int | None) -> float:
@@ -35,6 +35,12 @@ def _l_bits(length: int, lmax: int, prev: int | None) -> float:
     # 2**20 elements, 300,000 ones: L = 19 of 0..20, the mantissa's 262,144 values as a high piece
     # (4 values) and a 16-bit low piece, then the flag
     ([1 << 20], [300_000], math.log2(21) + 2 + 16 + 1),
+    # 362,000 of 724,288 (h 362,144): L = 19 of 0..19, min(262,144, 100,001) = 100,001 values: a high
+    # piece of 2 values, and in the last high value only 100,000 & 0xFFFF + 1 = 34,465 low values
+    ([724_288], [362_000], math.log2(20) + 1 + math.log2(34_465) + 1),
+    # 393,216 of 786,432 (a tie): L = 19, 131,073 values: a high piece of 3 values and, in the last,
+    # a one-value low piece (not coded); no flag
+    ([786_432], [393_216], math.log2(20) + math.log2(3)),
 ])
 def test_one_bucket_costs(sizes, counts, bits):
     assert _count_bits(sizes, counts) == pytest.approx(bits, abs=1e-9)
@@ -56,6 +62,12 @@ def test_later_buckets_are_predicted_from_the_previous_one():
     assert _count_bits([16, 4], [7, 2]) == pytest.approx(
         math.log2(5) + math.log2(4) + 1 + _l_bits(2, 2, 3), abs=1e-9)
     assert _l_bits(2, 2, 3) == pytest.approx(-math.log2(1 / 1.75))
+
+
+def test_low_piece_sizes():
+    assert [_low_size(hi, 100_001) for hi in (0, 1)] == [1 << 16, 34_465]
+    assert [_low_size(hi, 131_073) for hi in (0, 1, 2)] == [1 << 16, 1 << 16, 1]
+    assert _low_size(3, 1 << 18) == 1 << 16  # a size that is a multiple of 2**16
 
 
 def test_symbols_are_in_range_and_in_decoding_order():
@@ -80,7 +92,9 @@ def _round_trip(sizes, counts):
 def test_counts_round_trip_and_end_the_stream():
     rng = np.random.default_rng(0)
     cases = [([0], [0]), ([1], [0]), ([1], [1]), ([2], [1]), ([3], [2]), ([1 << 20], [300_000]),
-             ([(1 << 17) + 3], [(1 << 16) + 1]), ([1 << 18, 5, 0, 9], [1 << 17, 5, 0, 0])]
+             ([(1 << 17) + 3], [(1 << 16) + 1]), ([1 << 18, 5, 0, 9], [1 << 17, 5, 0, 0]),
+             ([724_288], [362_000]), ([724_288], [362_143]), ([786_432], [393_216]), ([786_432], [393_215]),
+             ([786_432], [262_144 + (1 << 17) - 1])]
     for _ in range(200):
         sizes = rng.integers(0, 5000, size=int(rng.integers(1, 17))).tolist()
         counts = [int(rng.integers(0, n + 1)) for n in sizes]
