@@ -68,6 +68,7 @@ def test_low_piece_sizes():
     assert [_low_size(hi, 100_001) for hi in (0, 1)] == [1 << 16, 34_465]
     assert [_low_size(hi, 131_073) for hi in (0, 1, 2)] == [1 << 16, 1 << 16, 1]
     assert _low_size(3, 1 << 18) == 1 << 16  # a size that is a multiple of 2**16
+    assert [_low_size(hi, 131_071) for hi in (0, 1)] == [1 << 16, 65_535]  # one short of 2**17
 
 
 def test_symbols_are_in_range_and_in_decoding_order():
