@@ -13,8 +13,7 @@ from torch import nn
 
 import maskpack
 from maskpack.errors import FormatError
-
-MAGIC = b"\x89MASK\r\n\x1a"
+from maskpack.storage.container import MAGIC, VERSION
 
 
 def fixed_net(shift: float = 0.0) -> nn.Module:
@@ -50,7 +49,7 @@ def deflate(text: bytes, level: int = 9) -> bytes:
     return c.compress(text) + c.flush()
 
 
-def pack_file(hdr: bytes, section: bytes, *, version: int = 2, crc: int | None = None) -> bytes:
+def pack_file(hdr: bytes, section: bytes, *, version: int = VERSION, crc: int | None = None) -> bytes:
     """A file around an already compressed header (its crc32 is right unless ``crc`` is given)."""
     crc = zlib.crc32(hdr) if crc is None else crc
     return struct.pack("<8sHII", MAGIC, version, len(hdr), crc) + hdr + section

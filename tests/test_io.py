@@ -11,6 +11,7 @@ from maskpack.errors import BackboneMismatchError, CodecError, ConfigError, Form
 from maskpack.masking import select_parameters
 from maskpack.rehydrate import TaskHost, rehydrate
 from maskpack.storage import available_codecs
+from maskpack.storage.container import VERSION
 
 
 def _masks(net, seed=0, keep=0.8):
@@ -149,7 +150,8 @@ def _rename(path, new_names: dict[str, str]) -> None:
         t["name"] = new_names.get(t["name"], t["name"])
     c = zlib.compressobj(9, zlib.DEFLATED, -15)
     hdr = c.compress(json.dumps(header).encode()) + c.flush()
-    path.write_bytes(struct.pack("<8sHII", data[:8], 2, len(hdr), zlib.crc32(hdr)) + hdr + data[18 + hlen:])
+    preamble = struct.pack("<8sHII", data[:8], VERSION, len(hdr), zlib.crc32(hdr))
+    path.write_bytes(preamble + hdr + data[18 + hlen:])
 
 
 def test_prefixed_names_decode_against_the_backbone_tensor(tmp_path, tiny_net):
@@ -235,7 +237,7 @@ def _rename_crc(path, index: int) -> None:
     t["crc32"] = zlib.crc32(body[t["offset"]:t["offset"] + t["length"]])
     c = zlib.compressobj(9, zlib.DEFLATED, -15)
     hdr = c.compress(json.dumps(header).encode()) + c.flush()
-    path.write_bytes(struct.pack("<8sHII", data[:8], 2, len(hdr), zlib.crc32(hdr)) + hdr + body)
+    path.write_bytes(struct.pack("<8sHII", data[:8], VERSION, len(hdr), zlib.crc32(hdr)) + hdr + body)
 
 
 def _corrupt_extras(path):

@@ -97,7 +97,8 @@ def _rewrite(src: bytes, mutate) -> bytes:
     mutate(header)
     c = zlib.compressobj(9, zlib.DEFLATED, -15)
     hdr = c.compress(json.dumps(header).encode()) + c.flush()
-    return struct.pack("<8sHII", src[:8], 2, len(hdr), zlib.crc32(hdr)) + hdr + src[18 + hlen:]
+    preamble = struct.pack("<8sHII", src[:8], container.VERSION, len(hdr), zlib.crc32(hdr))
+    return preamble + hdr + src[18 + hlen:]
 
 
 @pytest.fixture

@@ -170,9 +170,9 @@ def encode_extras(blob: bytes, planes: int = 4) -> bytes:
 
 
 def pack_extras(blob: bytes) -> tuple[bytes, int]:
-    """The smallest :func:`encode_extras` of ``blob`` over :data:`PLANE_WIDTHS`, and its width."""
-    best = min(((encode_extras(blob, w), w) for w in PLANE_WIDTHS), key=lambda sw: len(sw[0]))
-    return best
+    """The smallest :func:`encode_extras` of ``blob`` over :data:`PLANE_WIDTHS` (the first of equal
+    sizes), and its width."""
+    return min(((encode_extras(blob, w), w) for w in PLANE_WIDTHS), key=lambda sw: len(sw[0]))
 
 
 def default_budget(backbone_numel: int = 0) -> int:

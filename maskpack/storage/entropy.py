@@ -90,6 +90,18 @@ def _flag_probs(prev: int | None) -> np.ndarray:
     return np.array([SAME_FLAG, 1 - SAME_FLAG] if prev == 0 else [1 - SAME_FLAG, SAME_FLAG])
 
 
+def _mantissa(length: int, half: int) -> tuple[int, int]:
+    """(``2^(L-1)``, how many values ``m - 2^(L-1)`` can take) for a minority count ``m`` of bit
+    length ``L >= 2`` in a bucket whose minority holds at most ``half`` entries."""
+    low = 1 << (length - 1)
+    return low, min(low, half - low + 1)
+
+
+def _high_size(size: int) -> int:
+    """Values of the high piece of a uniform value in ``0..size-1`` (``size`` > 2**PIECE)."""
+    return ((size - 1) >> PIECE) + 1
+
+
 def _low_size(hi: int, size: int) -> int:
     """Values of the low piece of a uniform value in ``0..size-1`` whose high piece is ``hi``."""
     return (1 << PIECE) if hi < (size - 1) >> PIECE else ((size - 1) & ((1 << PIECE) - 1)) + 1
@@ -108,13 +120,13 @@ def _count_symbols(sizes, counts) -> list[tuple[int, int, np.ndarray | None]]:
         length = m.bit_length()
         out.append((length, half.bit_length() + 1, _length_probs(half.bit_length(), prev_l)))
         if length >= 2:
-            low = 1 << (length - 1)
-            value, size = m - low, min(low, half - low + 1)
+            low, size = _mantissa(length, half)
+            value = m - low
             if size <= 1 << PIECE:
                 out.append((value, size, None))
             else:  # high piece, then low piece
                 hi = value >> PIECE
-                out += [(hi, ((size - 1) >> PIECE) + 1, None),
+                out += [(hi, _high_size(size), None),
                         (value & ((1 << PIECE) - 1), _low_size(hi, size), None)]
         if 2 * m < n_b:
             out.append((int(c > n_b - c), 2, _flag_probs(prev_f)))
@@ -157,12 +169,11 @@ def _decode_counts(coder, sizes) -> list[int]:
         half = n_b // 2
         length = m = read(half.bit_length() + 1, _length_probs(half.bit_length(), prev_l))
         if length >= 2:
-            low = 1 << (length - 1)
-            size = min(low, half - low + 1)
+            low, size = _mantissa(length, half)
             if size <= 1 << PIECE:
                 m = low + read(size)
             else:
-                hi = read(((size - 1) >> PIECE) + 1)
+                hi = read(_high_size(size))
                 m = low + (hi << PIECE) + read(_low_size(hi, size))
         flag = 0
         if 2 * m < n_b:
